@@ -1,0 +1,280 @@
+"""Boundary checks shared by every public function.
+
+Each public function converts its array-like arguments here, once, and then hands
+C-contiguous ``(N, C)`` float32/float64 arrays to the kernels (see the kernel contract
+in ``docs/ARCHITECTURE.md``). Every check raises :class:`TypeError` (wrong kind of
+value) or :class:`ValueError` (right kind, bad value) whose message starts with the
+name of the offending argument; nothing here uses ``assert``.
+
+Conventions:
+    * Logits must be real floating point. Integer, bool, complex and object arrays
+      raise ``TypeError``: silently promoting integer logits hides a caller's bug.
+    * NaN and ``+inf`` raise ``ValueError``; ``-inf`` is allowed in logits (the class
+      gets probability 0) unless a whole slice along the class axis is ``-inf``.
+    * float16 is computed in float32 and returned as float16; float32 and float64
+      are computed in their own dtype; any wider float is computed in float64.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def as_float_array(x: Any, name: str, *, allow_neg_inf: bool = False) -> np.ndarray:
+    """Convert ``x`` to a real floating ndarray without copying when possible.
+
+    Raises:
+        TypeError: ``x`` is not numeric, or is bool, integer or complex.
+        ValueError: ``x`` contains NaN or ``+inf`` (or ``-inf`` unless allowed).
+
+    >>> as_float_array([1.0, -np.inf], "logits", allow_neg_inf=True).dtype
+    dtype('float64')
+    """
+    try:
+        arr = np.asarray(x)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be an array of real floats, got {type(x).__name__}") from exc
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise TypeError(
+            f"{name} must have a real floating dtype (float16/32/64), got dtype {arr.dtype}; "
+            f"convert it explicitly, e.g. {name}.astype(np.float64)"
+        )
+    if arr.size:
+        if np.isnan(arr).any():
+            raise ValueError(f"{name} contains NaN")
+        if np.isposinf(arr).any():
+            raise ValueError(f"{name} contains +inf")
+        if not allow_neg_inf and np.isneginf(arr).any():
+            raise ValueError(f"{name} contains -inf")
+    return arr
+
+
+def compute_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype the kernels run in for inputs of ``dtype``.
+
+    >>> compute_dtype(np.dtype(np.float16))
+    dtype('float32')
+    """
+    if dtype == np.float32 or dtype == np.float16:
+        return np.dtype(np.float32)
+    return np.dtype(np.float64)
+
+
+def normalize_axis(axis: Any, ndim: int, name: str = "axis") -> int:
+    """Return ``axis`` as a non-negative int in ``[0, ndim)``.
+
+    Raises:
+        TypeError: ``axis`` is not an integer.
+        ValueError: ``axis`` is out of range for an array of ``ndim`` dimensions.
+
+    >>> normalize_axis(-1, 3)
+    2
+    """
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(axis).__name__}")
+    if ndim == 0:
+        raise ValueError(f"{name}={axis} needs an array with at least 1 dimension, got a scalar")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name}={axis} is out of range for an array with {ndim} dimensions")
+    return int(axis) % ndim
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """How an array of ``shape`` maps to ``(N, C)`` rows along ``axis`` and back.
+
+    ``to_rows`` moves ``axis`` last and flattens the other axes into ``N`` (C order);
+    ``from_rows`` undoes it and casts to the caller's dtype.
+    """
+
+    shape: tuple[int, ...]
+    axis: int
+    dtype: np.dtype
+
+    @property
+    def num_classes(self) -> int:
+        return self.shape[self.axis]
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        """The shape without the class axis (the shape of an index target)."""
+        return self.shape[: self.axis] + self.shape[self.axis + 1 :]
+
+    @property
+    def compute_dtype(self) -> np.dtype:
+        return compute_dtype(self.dtype)
+
+    def to_rows(self, x: np.ndarray, dtype: np.dtype | None = None) -> np.ndarray:
+        """``x`` (of ``shape``) as a C-contiguous ``(N, C)`` array of ``dtype``."""
+        dtype = self.compute_dtype if dtype is None else dtype
+        moved = np.moveaxis(x, self.axis, -1)
+        return np.ascontiguousarray(moved.reshape(-1, self.num_classes), dtype=dtype)
+
+    def from_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`to_rows`, cast to the caller's dtype."""
+        moved_shape = self.batch_shape + (self.num_classes,)
+        out = np.moveaxis(rows.reshape(moved_shape), -1, self.axis)
+        return np.ascontiguousarray(out, dtype=self.dtype)
+
+    def from_batch(self, values: np.ndarray) -> np.ndarray:
+        """An ``(N,)`` per-row array reshaped to ``batch_shape`` in the caller's dtype."""
+        return values.reshape(self.batch_shape).astype(self.dtype)
+
+
+def logits_rows(logits: Any, axis: Any, name: str = "logits") -> tuple[np.ndarray, RowLayout]:
+    """Validate logits and return them as kernel-ready ``(N, C)`` rows plus the layout.
+
+    Raises:
+        TypeError: non-floating logits or a non-int ``axis``.
+        ValueError: NaN/+inf, scalar input, bad ``axis``, an empty array (no rows or
+            no classes), or a slice along ``axis`` that is entirely ``-inf``.
+
+    >>> rows, layout = logits_rows(np.zeros((2, 3, 4)), axis=1)
+    >>> rows.shape, layout.batch_shape
+    ((8, 3), (2, 4))
+    """
+    arr = as_float_array(logits, name, allow_neg_inf=True)
+    ax = normalize_axis(axis, arr.ndim)
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty (shape {arr.shape}); need at least one row and one class")
+    layout = RowLayout(arr.shape, ax, arr.dtype)
+    rows = layout.to_rows(arr)
+    check_rows_not_all_neg_inf(rows, name)
+    return rows, layout
+
+
+def check_rows_not_all_neg_inf(rows: np.ndarray, name: str) -> None:
+    """Raise ``ValueError`` if some row of ``rows`` is entirely ``-inf``."""
+    bad = np.isneginf(rows).all(axis=1)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"{name} has {int(bad.sum())} slice(s) along the class axis that are entirely -inf "
+            f"(first at flattened row {first}); softmax of such a slice is undefined"
+        )
+
+
+def same_shape_rows(x: Any, layout: RowLayout, name: str, *, dtype: np.dtype | None = None,
+                    allow_neg_inf: bool = False) -> np.ndarray:
+    """Validate a float array that must have ``layout.shape`` and return its rows."""
+    arr = as_float_array(x, name, allow_neg_inf=allow_neg_inf)
+    if arr.shape != layout.shape:
+        raise ValueError(f"{name} must have shape {layout.shape}, got {arr.shape}")
+    return layout.to_rows(arr, dtype)
+
+
+def index_target(target: Any, layout: RowLayout, ignore_index: int | None = None,
+                 name: str = "target") -> np.ndarray:
+    """Validate integer class targets and return them flattened as ``(N,)`` int64.
+
+    ``target`` must have ``layout.batch_shape`` and each entry must be in
+    ``[0, C)`` or equal to ``ignore_index``.
+
+    Raises:
+        TypeError: ``target`` is not an integer array.
+        ValueError: wrong shape, or a label out of range (negative included).
+
+    >>> layout = RowLayout((2, 3), 1, np.dtype(np.float64))
+    >>> index_target([2, -100], layout, ignore_index=-100)
+    array([   2, -100])
+    """
+    arr = np.asarray(target)
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must be an integer array of class indices, got dtype {arr.dtype}")
+    if arr.shape != layout.batch_shape:
+        raise ValueError(
+            f"{name} must have shape {layout.batch_shape} (the logits' shape without the class "
+            f"axis {layout.axis}), got {arr.shape}"
+        )
+    flat = arr.reshape(-1).astype(np.int64)
+    C = layout.num_classes
+    bad = (flat < 0) | (flat >= C)
+    if ignore_index is not None:
+        bad &= flat != ignore_index
+    if bad.any():
+        value = int(flat[np.flatnonzero(bad)[0]])
+        allowed = f"[0, {C})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
+        raise ValueError(f"{name} contains class index {value} outside {allowed}")
+    return flat
+
+
+def probability_target(target: Any, layout: RowLayout, name: str = "target") -> np.ndarray:
+    """Validate class-probability targets of the logits' shape; return ``(N, C)`` rows.
+
+    Entries must be finite and non-negative; rows need not sum to 1 (PyTorch does not
+    require it either).
+
+    Raises:
+        TypeError: ``target`` is not a floating array.
+        ValueError: wrong shape, non-finite or negative entries.
+    """
+    rows = same_shape_rows(target, layout, name)
+    if (rows < 0).any():
+        raise ValueError(f"{name} contains negative class probabilities")
+    return rows
+
+
+def class_target(target: Any, layout: RowLayout, ignore_index: int | None = None,
+                 name: str = "target") -> tuple[str, np.ndarray]:
+    """Classify ``target`` as ``("index", (N,) int64)`` or ``("probs", (N, C) rows)``.
+
+    Integer arrays are class indices; floating arrays are class probabilities.
+    """
+    arr = np.asarray(target)
+    if np.issubdtype(arr.dtype, np.floating):
+        return "probs", probability_target(arr, layout, name)
+    return "index", index_target(arr, layout, ignore_index, name)
+
+
+def class_weight(weight: Any, num_classes: int, dtype: np.dtype, name: str = "weight") -> np.ndarray | None:
+    """Validate per-class weights ``(C,)``; ``None`` passes through.
+
+    Raises:
+        TypeError: not a floating array.
+        ValueError: wrong shape, NaN or infinite entries.
+    """
+    if weight is None:
+        return None
+    arr = as_float_array(weight, name)
+    if arr.shape != (num_classes,):
+        raise ValueError(f"{name} must have shape ({num_classes},) (one entry per class), got {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def check_reduction(reduction: Any, name: str = "reduction") -> str:
+    """Return ``reduction`` if it is ``"none"``, ``"mean"`` or ``"sum"``.
+
+    >>> check_reduction("sum")
+    'sum'
+    """
+    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
+        raise ValueError(f"{name} must be one of {_REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def check_label_smoothing(value: Any, name: str = "label_smoothing") -> float:
+    """Return ``value`` as a float in ``[0, 1]``.
+
+    Raises:
+        TypeError: not a real number.
+        ValueError: outside ``[0, 1]`` or NaN.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1], got {type(value).__name__}")
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return value
+
+
+def check_int(value: Any, name: str) -> int:
+    """Return ``value`` as an int; bools and non-integers raise ``TypeError``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
