@@ -7,13 +7,35 @@ only; ``softgrad.torch`` (PyTorch, Triton) and the classifier's extras are optio
 """
 
 from softgrad._backend import available_backends, get_backend, set_backend, use_backend
+from softgrad._losses import (
+    cross_entropy,
+    cross_entropy_from_probs,
+    softmax_cross_entropy,
+    softmax_mse,
+)
+from softgrad._softmax import (
+    log_softmax,
+    logsumexp,
+    softmax,
+    softmax_backward,
+    softmax_jacobian,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
     "available_backends",
+    "cross_entropy",
+    "cross_entropy_from_probs",
     "get_backend",
+    "log_softmax",
+    "logsumexp",
     "set_backend",
+    "softmax",
+    "softmax_backward",
+    "softmax_cross_entropy",
+    "softmax_jacobian",
+    "softmax_mse",
     "use_backend",
 ]
