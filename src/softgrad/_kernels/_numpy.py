@@ -11,8 +11,10 @@ Shared primitive: for a row ``z`` with ``m = max_k z_k``,
     lse(z) = m + log(sum_k exp(z_k - m))
 
 is exact in real arithmetic and cannot overflow (every ``exp`` argument is <= 0, and the
-term at the arg-max is exactly 1, so the sum is in ``[1, C]``). Then
-``softmax(z) = exp(z - lse)`` and ``log_softmax(z) = z - lse``.
+term at the arg-max is exactly 1, so the sum ``s`` is in ``[1, C]``). Then
+``softmax(z) = exp(z - m) / s`` and ``log_softmax(z) = (z - m) - log s``. Both are
+written with the shifted logits ``z - m`` rather than ``z - lse``: for large ``|z|``
+the subtraction ``z - lse`` would cancel ``|z| * eps`` of absolute precision.
 """
 
 from __future__ import annotations
@@ -31,12 +33,18 @@ def _row_blocks(n_rows: int, n_cols: int) -> Iterator[slice]:
         yield slice(start, min(start + step, n_rows))
 
 
+def _shift(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For a block ``z (n, C)``: the shifted logits ``z - m`` and ``log s``, in float64."""
+    z = z.astype(np.float64)
+    shifted = z - z.max(axis=1, keepdims=True)
+    # exp(shifted) <= 1 everywhere; -inf entries contribute exp(-inf) = 0.
+    log_s = np.log(np.exp(shifted).sum(axis=1))
+    return shifted, log_s
+
+
 def _lse(z: np.ndarray) -> np.ndarray:
     """Row-wise log-sum-exp of a block ``z (n, C)`` as float64 ``(n,)``."""
-    m = z.max(axis=1).astype(np.float64)
-    # exp(z - m) <= 1 everywhere; -inf entries contribute exp(-inf) = 0.
-    s = np.exp(z - m[:, None]).sum(axis=1, dtype=np.float64)
-    return m + np.log(s)
+    return z.max(axis=1).astype(np.float64) + _shift(z)[1]
 
 
 def logsumexp(logits: np.ndarray, out: np.ndarray) -> None:
@@ -50,14 +58,17 @@ def softmax(logits: np.ndarray, out: np.ndarray) -> None:
     """``out[i, k] = exp(logits[i, k] - lse_i)``."""
     N, C = logits.shape
     for b in _row_blocks(N, C):
-        out[b] = np.exp(logits[b] - _lse(logits[b])[:, None])
+        shifted, log_s = _shift(logits[b])
+        e = np.exp(shifted)
+        out[b] = e / e.sum(axis=1, keepdims=True)
 
 
 def log_softmax(logits: np.ndarray, out: np.ndarray) -> None:
     """``out[i, k] = logits[i, k] - lse_i``."""
     N, C = logits.shape
     for b in _row_blocks(N, C):
-        out[b] = logits[b] - _lse(logits[b])[:, None]
+        shifted, log_s = _shift(logits[b])
+        out[b] = shifted - log_s[:, None]
 
 
 def softmax_backward(grad_probs: np.ndarray, probs: np.ndarray, out: np.ndarray) -> None:
@@ -99,17 +110,16 @@ def cross_entropy_index(logits, target, weight, ignore_index, label_smoothing, g
         z = logits[b]
         n = z.shape[0]
         rows = np.arange(n)
-        lse = _lse(z)
+        shifted, log_s = _shift(z)  # p = shifted - log_s
         y = target[b]
         valid = y != ignore_index
         y_safe = np.where(valid, y, 0)
         w_y = np.ones(n) if w is None else w[y_safe]
-        z_y = z[rows, y_safe].astype(np.float64)
-        loss = (1.0 - eps) * w_y * (lse - z_y)
+        loss = (1.0 - eps) * w_y * (log_s - shifted[rows, y_safe])
         if eps > 0.0:
-            # sum_c w_c (-p_c) = W * lse - sum_c w_c z_c
-            wz = z.sum(axis=1, dtype=np.float64) if w is None else z.astype(np.float64) @ w
-            loss = loss + (eps / C) * (W * lse - wz)
+            # sum_c w_c (-p_c) = W * log_s - sum_c w_c shifted_c
+            ws = shifted.sum(axis=1) if w is None else shifted @ w
+            loss = loss + (eps / C) * (W * log_s - ws)
         loss_out[b] = np.where(valid, loss, 0.0)
         if grad_out is None:
             continue
@@ -118,7 +128,8 @@ def cross_entropy_index(logits, target, weight, ignore_index, label_smoothing, g
         #            = ((1-eps) w_y + eps W / C) * a - (1-eps) w_y e_y - (eps/C) w.
         # Without weights the coefficient of a is 1: a - ((1-eps) e_y + eps/C), the
         # fused "softmax minus smoothed one-hot" form.
-        a = np.exp(z.astype(np.float64) - lse[:, None])
+        e = np.exp(shifted)
+        a = e / e.sum(axis=1, keepdims=True)
         g = a * ((1.0 - eps) * w_y + eps * W / C)[:, None]
         g[rows, y_safe] -= (1.0 - eps) * w_y
         if eps > 0.0:
@@ -143,13 +154,12 @@ def cross_entropy_probs(logits, target, weight, label_smoothing, grad_scale, los
     eps = float(label_smoothing)
     w = None if weight is None else weight.astype(np.float64)
     for b in _row_blocks(N, C):
-        z = logits[b].astype(np.float64)
-        lse = _lse(logits[b])
+        shifted, log_s = _shift(logits[b])
         t = target[b].astype(np.float64)
         if eps > 0.0:
             t = (1.0 - eps) * t + eps / C
         wt = t if w is None else t * w[None]
-        logp = z - lse[:, None]
+        logp = shifted - log_s[:, None]
         loss_out[b] = -np.where(wt == 0.0, 0.0, wt * logp).sum(axis=1)
         if grad_out is None:
             continue

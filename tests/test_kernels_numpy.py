@@ -1,0 +1,142 @@
+"""The NumPy reference kernels against naive per-row loops in float64.
+
+These call the kernels directly, with inputs that satisfy the kernel contract.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from softgrad._kernels import _numpy as K
+from conftest import tolerance
+
+# shapes: single element, a few rows, and one spanning several row blocks
+SHAPES = [(1, 1), (5, 7), (3, 40000)]
+DTYPES = [np.float64, np.float32]
+
+
+def _naive_lse(row):
+    m = max(row)
+    return m + math.log(sum(math.exp(x - m) for x in row))
+
+
+def _naive_ce_index(z, y, w, ignore, eps):
+    N, C = z.shape
+    w = np.ones(C) if w is None else w
+    loss = np.zeros(N)
+    for i in range(N):
+        if y[i] == ignore:
+            continue
+        lse = _naive_lse(z[i])
+        p = [z[i, c] - lse for c in range(C)]
+        loss[i] = -(1 - eps) * w[y[i]] * p[y[i]] - eps / C * sum(w[c] * p[c] for c in range(C))
+    return loss
+
+
+def _numerical_rowwise(f, z, h=1e-6):
+    """Central differences of ``f(z) -> (N,)`` summed over rows, w.r.t. every z[i, k]."""
+    g = np.zeros_like(z)
+    for idx in np.ndindex(z.shape):
+        zp, zm = z.copy(), z.copy()
+        zp[idx] += h
+        zm[idx] -= h
+        g[idx] = (f(zp).sum() - f(zm).sum()) / (2 * h)
+    return g
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_family(rng, shape, dtype):
+    z = (rng.normal(size=shape) * 5).astype(dtype)
+    if shape[1] > 1:
+        z[0, 0] = -np.inf
+    lse_ref = np.array([_naive_lse(r) for r in z.astype(np.float64)])
+    out = np.empty(shape[0], dtype=dtype)
+    K.logsumexp(z, out)
+    np.testing.assert_allclose(out, lse_ref, **tolerance(dtype))
+    out2 = np.empty_like(z)
+    K.softmax(z, out2)
+    np.testing.assert_allclose(out2, np.exp(z.astype(np.float64) - lse_ref[:, None]), **tolerance(dtype))
+    K.log_softmax(z, out2)
+    np.testing.assert_allclose(out2, z.astype(np.float64) - lse_ref[:, None], **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_backward_matches_jacobian(rng, dtype):
+    z = rng.normal(size=(4, 6))
+    a = np.exp(z - np.array([_naive_lse(r) for r in z])[:, None])
+    g = rng.normal(size=(4, 6))
+    ref = np.stack([(np.diag(a[i]) - np.outer(a[i], a[i])).T @ g[i] for i in range(4)])
+    out = np.empty((4, 6), dtype=dtype)
+    K.softmax_backward(g.astype(dtype), a.astype(dtype), out)
+    np.testing.assert_allclose(out, ref, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cross_entropy_index_loss_and_gradient(rng, eps, weighted):
+    N, C = 6, 5
+    z = rng.normal(size=(N, C))
+    y = rng.integers(0, C, size=N)
+    y[2] = -100
+    w = rng.uniform(0.2, 2.0, size=C) if weighted else None
+    scale = rng.uniform(0.5, 2.0, size=N)
+    loss, grad = np.empty(N), np.empty((N, C))
+    K.cross_entropy_index(z, y, w, -100, eps, scale, loss, grad)
+    np.testing.assert_allclose(loss, _naive_ce_index(z, y, w, -100, eps), rtol=1e-12, atol=1e-14)
+    num = _numerical_rowwise(lambda zz: scale * _naive_ce_index(zz, y, w, -100, eps), z)
+    np.testing.assert_allclose(grad, num, rtol=1e-6, atol=1e-8)
+    assert np.all(grad[2] == 0.0)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.3])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cross_entropy_probs_loss_and_gradient(rng, eps, weighted):
+    N, C = 5, 4
+    z = rng.normal(size=(N, C))
+    t = rng.dirichlet(np.ones(C), size=N)
+    w = rng.uniform(0.2, 2.0, size=C) if weighted else np.ones(C)
+
+    def naive(zz):
+        ts = (1 - eps) * t + eps / C
+        lse = np.array([_naive_lse(r) for r in zz])
+        return -np.array([sum(w[c] * ts[i, c] * (zz[i, c] - lse[i]) for c in range(C)) for i in range(N)])
+
+    scale = rng.uniform(0.5, 2.0, size=N)
+    loss, grad = np.empty(N), np.empty((N, C))
+    K.cross_entropy_probs(z, t, w if weighted else None, eps, scale, loss, grad)
+    np.testing.assert_allclose(loss, naive(z), rtol=1e-12)
+    np.testing.assert_allclose(grad, _numerical_rowwise(lambda zz: scale * naive(zz), z), rtol=1e-6, atol=1e-8)
+
+
+def test_gradient_in_place_and_loss_only(rng):
+    N, C = 4, 3
+    z = rng.normal(size=(N, C))
+    y = np.array([0, 2, 1, 1])
+    scale = np.ones(N)
+    loss_ref, grad_ref = np.empty(N), np.empty((N, C))
+    K.cross_entropy_index(z, y, None, -100, 0.1, scale, loss_ref, grad_ref)
+    zz = z.copy()
+    loss = np.empty(N)
+    K.cross_entropy_index(zz, y, None, -100, 0.1, scale, loss, zz)  # grad_out aliases logits
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-15)
+    np.testing.assert_allclose(zz, grad_ref, rtol=1e-15)
+    loss2 = np.empty(N)
+    K.cross_entropy_index(z, y, None, -100, 0.1, scale, loss2, None)
+    np.testing.assert_array_equal(loss2, loss_ref)
+
+
+def test_extreme_logits_stay_finite():
+    z = np.array([[1e4, -1e4, -np.inf, 0.0], [-1e4, -1e4, -1e4, -np.inf]])
+    out = np.empty_like(z)
+    K.softmax(z, out)
+    np.testing.assert_allclose(out, [[1, 0, 0, 0], [1 / 3, 1 / 3, 1 / 3, 0]], rtol=1e-15)
+    K.log_softmax(z, out)
+    np.testing.assert_allclose(out[0, :2], [0.0, -2e4])
+    loss, grad = np.empty(2), np.empty_like(z)
+    K.cross_entropy_index(z, np.array([1, 0]), None, -100, 0.0, np.ones(2), loss, grad)
+    np.testing.assert_allclose(loss, [2e4, math.log(3)])
+    assert np.isfinite(grad).all()
