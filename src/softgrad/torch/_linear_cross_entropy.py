@@ -63,7 +63,7 @@ def choose_chunk_size(n_rows: int, vocab: int, device: torch.device, *, softcap:
 
     Examples:
         >>> choose_chunk_size(100_000, 32_000, torch.device("cpu"))
-        524
+        262
         >>> choose_chunk_size(10, 32_000, torch.device("cpu"))
         10
     """
@@ -194,12 +194,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.reduction = reduction
         ctx.opts = opts
         ctx.need = need
+        count = valid.sum().to(cdt)
         if reduction == "none" or not any(need):
             loss_rows, _, _, _ = _chunked_pass(hidden, weight, bias, target, None, need_grads=need, **opts)
             ctx.save_for_backward(hidden, weight, bias, target)
-            out = loss_rows
+            if reduction == "none":
+                out = loss_rows
+            else:
+                out = loss_rows.sum() / count if reduction == "mean" else loss_rows.sum()
         else:
-            count = valid.sum().to(cdt)
             if reduction == "mean":
                 # PyTorch's convention: divide by the number of non-ignored rows
                 # (NaN loss when every row is ignored; the gradient is then 0).
@@ -209,7 +212,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss_rows, gh, gw, gb = _chunked_pass(hidden, weight, bias, target, row_scale, need_grads=need, **opts)
             out = loss_rows.sum() / count if reduction == "mean" else loss_rows.sum()
             ctx.save_for_backward(gh, gw, gb)
-        return out.to(hidden.dtype)
+        return out  # compute dtype; the public function casts to the caller's dtype
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -302,7 +305,7 @@ def linear_cross_entropy(
 
     Returns:
         Tensor: scalar loss, or per-row losses for ``reduction="none"``, in ``hidden``'s
-        dtype. With ``reduction="mean"`` and every row ignored the loss is NaN (as in
+        dtype (under autocast: the dtype ``hidden`` had before the autocast cast). With ``reduction="mean"`` and every row ignored the loss is NaN (as in
         PyTorch) and the gradients are zero.
 
     Raises:
@@ -324,6 +327,7 @@ def linear_cross_entropy(
     """
     _validate(hidden, weight, target, bias, reduction, label_smoothing, z_loss, softcap, chunk_size)
     device_type = hidden.device.type
+    out_dtype = hidden.dtype  # the caller's dtype: float32 master weights under autocast give a float32 loss
     if torch.is_autocast_enabled(device_type):
         # Under autocast the head's matmul runs in the autocast dtype, as nn.Linear's
         # would; the casts are ordinary autograd ops, so fp32 master weights get fp32 grads.
@@ -341,7 +345,7 @@ def linear_cross_entropy(
                                         None if softcap is None else float(softcap), int(chunk_size))
     if reduction == "none":
         out = out.reshape(batch_shape)
-    return out
+    return out.to(out_dtype)
 
 
 class LinearCrossEntropyLoss(nn.Module):
