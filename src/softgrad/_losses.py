@@ -32,6 +32,9 @@ def _cross_entropy_rows(logits, target, weight, ignore_index, reduction, label_s
     rows, layout = _v.logits_rows(logits, axis)
     N, C = rows.shape
     kind, tgt = _v.class_target(target, layout, ignore_index)
+    if kind == "probs" and ignore_index != -100:
+        raise ValueError("ignore_index is not supported with probability targets (as in PyTorch); "
+                         f"leave it at -100, got {ignore_index}")
     w = _v.class_weight(weight, C, rows.dtype)
     loss_rows = np.zeros(N, dtype=np.float64)
     grad = np.empty_like(rows) if with_grad else None
@@ -92,7 +95,8 @@ def cross_entropy(logits: Any, target: Any, *, weight: Any = None, ignore_index:
             (``(N, C, d1, ...)`` with ``axis=1`` as in PyTorch); float16/32/64; ``-inf`` allowed.
         target: integer class indices of the logits' shape without ``axis``, each in
             ``[0, C)`` or equal to ``ignore_index``; or float class probabilities of
-            the logits' shape (non-negative, finite; ``ignore_index`` is not used).
+            the logits' shape (non-negative, finite; ``ignore_index`` must stay at its
+            default, as PyTorch requires).
         weight: optional ``(C,)`` float per-class weights.
         ignore_index: index target value that contributes neither loss nor gradient.
         reduction: ``"none"`` (per-row losses, shape of the logits without ``axis``),
@@ -108,6 +112,7 @@ def cross_entropy(logits: Any, target: Any, *, weight: Any = None, ignore_index:
             nor floating, non-int ``ignore_index``/``axis``, non-real ``label_smoothing``.
         ValueError: NaN/+inf logits, empty logits, an all ``-inf`` slice, a label out of
             range, a target or weight of the wrong shape, negative probability targets,
+            a non-default ``ignore_index`` with probability targets,
             unknown ``reduction``, ``label_smoothing`` outside ``[0, 1]``.
 
     Examples:

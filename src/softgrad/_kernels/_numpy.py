@@ -160,7 +160,7 @@ def cross_entropy_probs(logits, target, weight, label_smoothing, grad_scale, los
             t = (1.0 - eps) * t + eps / C
         wt = t if w is None else t * w[None]
         logp = shifted - log_s[:, None]
-        loss_out[b] = -np.where(wt == 0.0, 0.0, wt * logp).sum(axis=1)
+        loss_out[b] = -(wt * np.where(wt == 0.0, 0.0, logp)).sum(axis=1)
         if grad_out is None:
             continue
         # Gradient. d(-p_c)/dz = a - e_c, so
