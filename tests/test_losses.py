@@ -19,6 +19,7 @@ import softgrad
 from conftest import FLOAT_DTYPES, tolerance
 
 PROPERTY = settings(max_examples=40, deadline=None)
+BACKENDS = softgrad.available_backends()
 
 # (logits shape, class axis)
 LAYOUTS = [((6, 5), -1), ((3, 4, 2, 3), 1)]
@@ -171,16 +172,36 @@ def test_inputs_not_modified(backend, rng):
        seed=st.integers(0, 2**32 - 1))
 def test_property_gradient_rows_sum_to_zero(z, seed):
     y = np.random.default_rng(seed).integers(0, z.shape[1], size=z.shape[0])
-    _, grad = softgrad.softmax_cross_entropy(z, y, reduction="sum")
-    np.testing.assert_allclose(grad.sum(axis=1), 0.0, atol=1e-12)
-    np.testing.assert_allclose(grad, scipy.special.softmax(z, axis=1) - np.eye(z.shape[1])[y], atol=1e-12)
+    for name in BACKENDS:
+        with softgrad.use_backend(name):
+            _, grad = softgrad.softmax_cross_entropy(z, y, reduction="sum")
+            np.testing.assert_allclose(grad.sum(axis=1), 0.0, atol=1e-12)
+            np.testing.assert_allclose(grad, scipy.special.softmax(z, axis=1) - np.eye(z.shape[1])[y], atol=1e-12)
 
 
 @PROPERTY
 @given(n=st.integers(1, 6), c=st.integers(1, 9), seed=st.integers(0, 2**32 - 1))
 def test_property_zero_logits_give_log_c(n, c, seed):
     y = np.random.default_rng(seed).integers(0, c, size=n)
-    np.testing.assert_allclose(softgrad.cross_entropy(np.zeros((n, c)), y), np.log(c), rtol=1e-14, atol=1e-15)
+    for name in BACKENDS:
+        with softgrad.use_backend(name):
+            np.testing.assert_allclose(softgrad.cross_entropy(np.zeros((n, c)), y), np.log(c), rtol=1e-14, atol=1e-15)
+
+
+def test_public_api_listed():
+    for name in ("cross_entropy", "softmax_cross_entropy", "cross_entropy_from_probs", "softmax_mse"):
+        assert name in softgrad.__all__ and callable(getattr(softgrad, name))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_softmax_mse_dtypes_and_probability_targets(backend, rng, dtype):
+    z = rng.normal(size=(4, 5))
+    t = rng.dirichlet(np.ones(5), size=4)
+    ref_loss, ref_grad = softgrad.softmax_mse(z, t)
+    loss, grad = softgrad.softmax_mse(z.astype(dtype), t.astype(dtype))
+    assert loss.dtype == dtype and grad.dtype == dtype
+    np.testing.assert_allclose(float(loss), ref_loss, **tolerance(dtype))
+    np.testing.assert_allclose(grad.astype(np.float64), ref_grad, rtol=tolerance(dtype)["rtol"], atol=1e-4 if dtype == np.float16 else 1e-9)
 
 
 def test_from_probs_matches_cross_entropy_and_chain_rule(backend, rng):

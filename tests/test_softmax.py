@@ -20,6 +20,7 @@ import softgrad
 from conftest import FLOAT_DTYPES, tolerance
 
 PROPERTY = settings(max_examples=40, deadline=None)
+BACKENDS = softgrad.available_backends()
 finite_rows = hnp.arrays(
     np.float64,
     hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=8),
@@ -145,20 +146,30 @@ def test_inputs_not_modified(backend, rng):
 @PROPERTY
 @given(z=finite_rows, shift=st.floats(-1e3, 1e3))
 def test_property_rows_sum_to_one_and_shift_invariance(z, shift):
-    a = softgrad.softmax(z)
-    np.testing.assert_allclose(a.sum(axis=-1), 1.0, rtol=1e-13)
-    assert (a >= 0).all()
-    np.testing.assert_allclose(softgrad.softmax(z + shift), a, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(softgrad.logsumexp(z + shift), softgrad.logsumexp(z) + shift, rtol=1e-12, atol=1e-9)
-    np.testing.assert_allclose(np.exp(softgrad.log_softmax(z)), a, rtol=1e-12, atol=1e-300)
+    for name in BACKENDS:
+        with softgrad.use_backend(name):
+            a = softgrad.softmax(z)
+            np.testing.assert_allclose(a.sum(axis=-1), 1.0, rtol=1e-13)
+            assert (a >= 0).all()
+            np.testing.assert_allclose(softgrad.softmax(z + shift), a, rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(softgrad.logsumexp(z + shift), softgrad.logsumexp(z) + shift,
+                                       rtol=1e-12, atol=1e-9)
+            np.testing.assert_allclose(np.exp(softgrad.log_softmax(z)), a, rtol=1e-12, atol=1e-300)
 
 
 @PROPERTY
 @given(z=finite_rows, seed=st.integers(0, 2**32 - 1))
 def test_property_backward_sums_to_zero(z, seed):
     g = np.random.default_rng(seed).normal(size=z.shape)
-    dz = softgrad.softmax_backward(g, softgrad.softmax(z))
-    np.testing.assert_allclose(dz.sum(axis=-1), 0.0, atol=1e-12 * (1 + np.abs(g).max()))
+    for name in BACKENDS:
+        with softgrad.use_backend(name):
+            dz = softgrad.softmax_backward(g, softgrad.softmax(z))
+            np.testing.assert_allclose(dz.sum(axis=-1), 0.0, atol=1e-12 * (1 + np.abs(g).max()))
+
+
+def test_public_api_listed():
+    for name in ("softmax", "log_softmax", "logsumexp", "softmax_jacobian", "softmax_backward"):
+        assert name in softgrad.__all__ and callable(getattr(softgrad, name))
 
 
 def test_import_pulls_in_no_optional_dependency():
