@@ -142,6 +142,13 @@ def test_mean_over_no_targets_is_nan_with_zero_gradient(backend):
     assert np.isnan(loss)
     np.testing.assert_array_equal(grad, 0.0)
     assert softgrad.cross_entropy(z, y, reduction="sum") == 0.0
+    # zero total weight without ignored rows behaves the same way
+    loss, grad = softgrad.softmax_cross_entropy(z, np.array([1, 1, 2]), weight=np.array([1.0, 0.0, 0.0, 1.0]))
+    assert np.isnan(loss)
+    np.testing.assert_array_equal(grad, 0.0)
+    loss, grad = softgrad.cross_entropy_from_probs(np.full((2, 2), 0.5), np.array([-100, -100]))
+    assert np.isnan(loss)
+    np.testing.assert_array_equal(grad, 0.0)
 
 
 def test_index_equals_one_hot_for_sum(backend, rng):

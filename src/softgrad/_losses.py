@@ -23,6 +23,22 @@ from softgrad import _validation as _v
 from softgrad._backend import kernels as _kernels
 
 
+def _grad_scale(reduction: str, denom: float) -> float:
+    """Factor on each row's gradient: ``1/denom`` for a mean (0 when ``denom`` is 0), else 1."""
+    if reduction != "mean":
+        return 1.0
+    return 1.0 / denom if denom != 0.0 else 0.0
+
+
+def _reduce(loss_rows: np.ndarray, reduction: str, denom: float, layout: _v.RowLayout):
+    """Per-row float64 losses -> the caller's result in the caller's dtype."""
+    if reduction == "none":
+        return layout.from_batch(loss_rows)
+    if reduction == "sum":
+        return layout.dtype.type(loss_rows.sum())
+    return layout.dtype.type(loss_rows.sum() / denom if denom != 0.0 else np.nan)
+
+
 def _cross_entropy_rows(logits, target, weight, ignore_index, reduction, label_smoothing,
                         axis, with_grad):
     """Validate, run the kernel, reduce. Returns ``(loss, grad rows or None, layout)``."""
@@ -49,11 +65,7 @@ def _cross_entropy_rows(logits, target, weight, ignore_index, reduction, label_s
     else:
         # For probability targets PyTorch's mean divides by the number of rows.
         denom = float(N)
-    if reduction == "mean":
-        scale = 1.0 / denom if denom != 0.0 else 0.0
-    else:
-        scale = 1.0
-    grad_scale = np.full(N, scale, dtype=np.float64)
+    grad_scale = np.full(N, _grad_scale(reduction, denom), dtype=np.float64)
 
     k = _kernels()
     if kind == "index":
@@ -61,13 +73,7 @@ def _cross_entropy_rows(logits, target, weight, ignore_index, reduction, label_s
     else:
         k.cross_entropy_probs(rows, tgt, w, label_smoothing, grad_scale, loss_rows, grad)
 
-    if reduction == "none":
-        loss = layout.from_batch(loss_rows)
-    elif reduction == "sum":
-        loss = layout.dtype.type(loss_rows.sum())
-    else:
-        loss = layout.dtype.type(loss_rows.sum() / denom if denom != 0.0 else np.nan)
-    return loss, grad, layout
+    return _reduce(loss_rows, reduction, denom, layout), grad, layout
 
 
 def cross_entropy(logits: Any, target: Any, *, weight: Any = None, ignore_index: int = -100,
@@ -234,15 +240,9 @@ def cross_entropy_from_probs(probs: Any, target: Any, *, reduction: str = "mean"
         denom = float(N)
     a_safe = np.maximum(a.astype(np.float64), float(eps))
     loss_rows = -np.where(y == 0.0, 0.0, y * np.log(a_safe)).sum(axis=1)
-    scale = 1.0 / denom if (reduction == "mean" and denom != 0.0) else (0.0 if reduction == "mean" else 1.0)
+    scale = _grad_scale(reduction, denom)
     grad = (0.0 - y / a_safe) * scale  # 0.0 - x keeps y == 0 entries at +0.0
-    if reduction == "none":
-        loss = layout.from_batch(loss_rows)
-    elif reduction == "sum":
-        loss = layout.dtype.type(loss_rows.sum())
-    else:
-        loss = layout.dtype.type(loss_rows.sum() / denom if denom != 0.0 else np.nan)
-    return loss, layout.from_rows(grad)
+    return _reduce(loss_rows, reduction, denom, layout), layout.from_rows(grad)
 
 
 def softmax_mse(logits: Any, target: Any, *, axis: int = -1):
