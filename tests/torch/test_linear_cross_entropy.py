@@ -164,14 +164,15 @@ def _reference_from_logits(z, t):
     return F.cross_entropy(z, t)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_torch_compile_fullgraph(reduction):
+@pytest.mark.parametrize(("reduction", "backend"), [("mean", "aot_eager"), ("none", "aot_eager"),
+                                                   ("sum", "inductor")])
+def test_torch_compile_fullgraph(reduction, backend):
     h, w, b, t = _inputs(seed=17, shape=(2, 5), dim=8, vocab=20)
 
     def step(h, w, b, t):
         return linear_cross_entropy(h, w, t, b, reduction=reduction, chunk_size=4, z_loss=1e-3)
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
     ours = compiled(h, w, b, t)
     ref = _reference(h, w, t, b, reduction=reduction, z_loss=1e-3)
     torch.testing.assert_close(ours, ref, **F64)
