@@ -199,6 +199,10 @@ def test_no_grad_inference_and_validation():
         linear_cross_entropy(h, w, t.double())
     with pytest.raises(TypeError, match="weight"):
         linear_cross_entropy(h, w.float(), t)
+    with pytest.raises(ValueError, match="target values"):
+        linear_cross_entropy(h, w, torch.full_like(t, w.shape[0]))
+    with pytest.raises(ValueError, match="target values"):
+        linear_cross_entropy(h, w, torch.full_like(t, -1))
     with pytest.raises(ValueError, match="chunk_size"):
         linear_cross_entropy(h, w, t, chunk_size=0)
     with pytest.raises(ValueError, match="softcap"):

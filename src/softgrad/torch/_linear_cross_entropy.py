@@ -311,8 +311,8 @@ def linear_cross_entropy(
     Raises:
         TypeError: non-tensor arguments, non-floating ``hidden``, mismatched dtypes,
             non-integer ``target``.
-        ValueError: bad shapes, ``reduction``, ``label_smoothing``, ``z_loss``,
-            ``softcap`` or ``chunk_size``.
+        ValueError: bad shapes, ``target`` values out of range (checked in eager mode),
+            ``reduction``, ``label_smoothing``, ``z_loss``, ``softcap`` or ``chunk_size``.
 
     Examples:
         >>> import torch.nn.functional as F
@@ -337,6 +337,13 @@ def linear_cross_entropy(
     batch_shape = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = target.reshape(-1).to(torch.int64)
+    if not torch.compiler.is_compiling():
+        # a data-dependent check (one host sync); skipped inside a compiled graph
+        vocab = weight.shape[0]
+        out_of_range = ((t1 < 0) | (t1 >= vocab)) & (t1 != ignore_index)
+        if bool(out_of_range.any()):
+            bad = t1[out_of_range][0].item()
+            raise ValueError(f"target values must be in [0, {vocab}) or ignore_index={ignore_index}, got {bad}")
     if chunk_size is None:
         chunk_size = choose_chunk_size(h2.shape[0], weight.shape[0], h2.device, softcap=softcap is not None)
     with torch.autocast(device_type, enabled=False):
