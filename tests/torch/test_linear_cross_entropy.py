@@ -121,6 +121,17 @@ def test_tied_embeddings_and_gradient_accumulation():
     torch.testing.assert_close(grads[0], grads[1], **F64)
 
 
+def test_second_backward_with_retain_graph_raises_for_scalar_reductions():
+    h, w, b, t = _inputs(seed=21)
+    loss = linear_cross_entropy(h, w, t, b)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        loss.backward()
+    rows = linear_cross_entropy(h, w, t, b, reduction="none")  # recomputes, so twice is fine
+    rows.sum().backward(retain_graph=True)
+    rows.sum().backward()
+
+
 def test_module_wrapper_and_float32():
     h, w, b, t = _inputs(seed=14, dtype=torch.float32)
     mod = LinearCrossEntropyLoss(reduction="sum", label_smoothing=0.1, chunk_size=5)

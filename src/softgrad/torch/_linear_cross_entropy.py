@@ -63,13 +63,14 @@ def choose_chunk_size(n_rows: int, vocab: int, device: torch.device, *, softcap:
 
     Examples:
         >>> choose_chunk_size(100_000, 32_000, torch.device("cpu"))
-        262
+        174
         >>> choose_chunk_size(10, 32_000, torch.device("cpu"))
         10
     """
-    # bytes per row: the float32 logits/gradient buffer, the low-precision copy fed
-    # to the gradient matmuls, and the tanh buffer with softcap.
-    per_row = vocab * (4 + 4 + (4 if softcap else 0))
+    # bytes per logit of a chunk: the float32 logits/gradient buffer, logsumexp's
+    # float32 temporary, the low-precision GEMM output and the copy fed to the gradient
+    # GEMMs (counted at 2 bytes each), and the tanh buffer with softcap.
+    per_row = vocab * (4 + 4 + 2 + 2 + (4 if softcap else 0))
     if device.type == "cuda" and not torch.compiler.is_compiling():
         free, _total = torch.cuda.mem_get_info(device)
         rows = min(int(free * _GPU_FREE_FRACTION) // per_row, _GPU_MAX_ROWS)
@@ -144,7 +145,10 @@ def _chunked_pass(hidden, weight, bias, target, scale, *, ignore_index, label_sm
     want_grad = scale is not None and any(need_grads)
     loss_rows = torch.empty(n_rows, dtype=cdt, device=hidden.device)
     grad_h = torch.empty_like(hidden) if want_grad and need_grads[0] else None
-    grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if want_grad and need_grads[1] else None
+    # grad_W accumulates in the weight's dtype: exact for float32/float64; for bfloat16/float16
+    # each chunk's GEMM accumulates in float32 and the running sum is rounded once per chunk
+    # (a float32 buffer would cost 2x the weight, e.g. 2.1 GB more for a Llama-3 head).
+    grad_w = torch.zeros_like(weight) if want_grad and need_grads[1] else None
     grad_b = torch.zeros(vocab, dtype=cdt, device=weight.device) if want_grad and need_grads[2] else None
     valid_all = target != ignore_index
     safe_target = torch.where(valid_all, target, torch.zeros_like(target))
@@ -169,12 +173,7 @@ def _chunked_pass(hidden, weight, bias, target, scale, *, ignore_index, label_sm
         if grad_h is not None:
             grad_h[start:stop] = torch.mm(g_low, weight)  # (n, V) @ (V, D)
         if grad_w is not None:
-            if g_low.dtype == cdt:
-                grad_w.addmm_(g_low.t(), h_c)  # (V, n) @ (n, D), accumulated in place
-            else:
-                grad_w.add_(torch.mm(g_low.t(), h_c))
-    if grad_w is not None:
-        grad_w = grad_w.to(weight.dtype)
+            grad_w.addmm_(g_low.t(), h_c)  # (V, n) @ (n, D), accumulated in place
     if grad_b is not None:
         grad_b = grad_b.to(bias.dtype)
     return loss_rows, grad_h, grad_w, grad_b
@@ -211,7 +210,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 row_scale = torch.ones(target.shape, dtype=cdt, device=hidden.device)
             loss_rows, gh, gw, gb = _chunked_pass(hidden, weight, bias, target, row_scale, need_grads=need, **opts)
             out = loss_rows.sum() / count if reduction == "mean" else loss_rows.sum()
-            ctx.save_for_backward(gh, gw, gb)
+            if torch.compiler.is_compiling():
+                ctx.owned = None
+                ctx.save_for_backward(gh, gw, gb)
+            else:
+                # Eager: the graph owns the gradients until the backward takes them, so the
+                # backward can scale them in place and hand them on without a copy (saves
+                # one weight-sized tensor). The price: a second backward cannot reuse them.
+                ctx.owned = [gh, gw, gb]
         return out  # compute dtype; the public function casts to the caller's dtype
 
     @staticmethod
@@ -221,11 +227,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             scale = grad_out.to(_compute_dtype(hidden.dtype)).reshape(-1)
             _, gh, gw, gb = _chunked_pass(hidden, weight, bias, target, scale, need_grads=ctx.need, **ctx.opts)
         else:
-            gh, gw, gb = ctx.saved_tensors
             # the loss is a scalar: every stored gradient scales by grad_output
-            gh = gh * grad_out if gh is not None else None
-            gw = gw * grad_out if gw is not None else None
-            gb = gb * grad_out if gb is not None else None
+            if ctx.owned is None:
+                gh, gw, gb = (None if g is None else g * grad_out for g in ctx.saved_tensors)
+            else:
+                if not ctx.owned:
+                    raise RuntimeError(
+                        "linear_cross_entropy with reduction='mean' or 'sum' computes its gradients in the "
+                        "forward and hands them to the first backward; retain_graph=True backwards are "
+                        "not supported (use reduction='none' and reduce outside)")
+                gh, gw, gb = ctx.owned
+                ctx.owned = []
+                gh, gw, gb = (None if g is None else g.mul_(grad_out) for g in (gh, gw, gb))
         return gh, gw, gb, None, None, None, None, None, None, None
 
 
