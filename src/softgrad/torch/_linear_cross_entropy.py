@@ -36,9 +36,9 @@ __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss", "choose_chunk_size"
 
 _REDUCTIONS = ("mean", "sum", "none")
 
-# Byte budget for one chunk of logits on CPU (the chunk buffer plus the softcap
-# buffer). 64 MiB keeps the chunk in the last-level cache region of sizes while
-# still giving matrix products large enough to run near peak.
+# Byte budget for one chunk of logits and its temporaries on CPU. 64 MiB still gives
+# chunks of hundreds of rows for vocabularies of 32k (174 rows), so each chunk's three
+# matrix products stay large, while the chunk is small next to an (N, V) buffer.
 _CPU_CHUNK_BYTES = 64 * 2**20
 # On CUDA a chunk may take 512 MiB (and never more than a quarter of the free memory):
 # for a Llama-3 head (V=128256) that is 320 rows, a (320 x 4096) @ (4096 x 128256) GEMM of
