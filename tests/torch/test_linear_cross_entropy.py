@@ -299,3 +299,19 @@ def test_cuda_bfloat16_matches_float64_reference():
     torch.testing.assert_close(ours.double(), ref, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(h.grad.double(), h64.grad, rtol=5e-2, atol=1e-3)
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=5e-2, atol=1e-3)
+
+
+def test_gpu_benchmark_runs_end_to_end_on_cpu_with_tiny_shapes():
+    # the GPU benchmark's --tiny mode exercises every code path (correctness gate, timing,
+    # table, JSON, PNG) on CPU; its results go to a temporary directory
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_gpu_linear_cross_entropy.py"
+    out = subprocess.run([sys.executable, str(script), "--tiny", "--repeats", "1"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    written = Path(out.stdout.strip().splitlines()[-1].removeprefix("wrote "))
+    payload = json.loads(written.read_text())
+    impls = {row["impl"] for row in payload["rows"] if "median_ms" in row}
+    assert {"eager", "compile", "softgrad", "floor"} <= impls
+    assert written.with_suffix(".png").exists()
