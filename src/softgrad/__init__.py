@@ -7,6 +7,13 @@ only; ``softgrad.torch`` (PyTorch, Triton) and the classifier's extras are optio
 """
 
 from softgrad._backend import available_backends, get_backend, set_backend, use_backend
+from softgrad._gradcheck import GradcheckReport, gradcheck, numerical_gradient
+from softgrad._linear import (
+    linear_softmax_loss,
+    linear_svm_loss,
+    softmax_layer_cross_entropy_grad,
+    softmax_layer_jacobian,
+)
 from softgrad._losses import (
     cross_entropy,
     cross_entropy_from_probs,
@@ -24,18 +31,25 @@ from softgrad._softmax import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "GradcheckReport",
     "__version__",
     "available_backends",
     "cross_entropy",
     "cross_entropy_from_probs",
     "get_backend",
+    "gradcheck",
+    "linear_softmax_loss",
+    "linear_svm_loss",
     "log_softmax",
     "logsumexp",
+    "numerical_gradient",
     "set_backend",
     "softmax",
     "softmax_backward",
     "softmax_cross_entropy",
     "softmax_jacobian",
+    "softmax_layer_cross_entropy_grad",
+    "softmax_layer_jacobian",
     "softmax_mse",
     "use_backend",
 ]
