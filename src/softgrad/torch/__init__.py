@@ -1,0 +1,20 @@
+"""softgrad.torch: fused cross-entropy losses for PyTorch.
+
+``cross_entropy`` / ``CrossEntropyLoss`` are ``torch.nn.functional.cross_entropy`` with every
+option, plus the z-loss, logit softcapping and the per-row logsumexp, computed with the
+gradient in one pass (a Triton kernel on CUDA, PyTorch ops on CPU).
+``linear_cross_entropy`` / ``LinearCrossEntropyLoss`` fuse a language model's output layer
+with it and never hold the ``(N, V)`` logits. Needs PyTorch; Triton is optional (CUDA only).
+"""
+
+from softgrad.torch._cross_entropy import CrossEntropyLoss, CrossEntropyOutput, cross_entropy
+from softgrad.torch._linear_cross_entropy import LinearCrossEntropyLoss, choose_chunk_size, linear_cross_entropy
+
+__all__ = [
+    "CrossEntropyLoss",
+    "CrossEntropyOutput",
+    "LinearCrossEntropyLoss",
+    "choose_chunk_size",
+    "cross_entropy",
+    "linear_cross_entropy",
+]
