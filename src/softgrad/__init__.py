@@ -30,8 +30,23 @@ from softgrad._softmax import (
 
 __version__ = "0.1.0"
 
+# Imported on first use, so that ``import softgrad`` needs neither scikit-learn nor SciPy.
+_LAZY = {"SoftmaxClassifier": "softgrad._classifier", "datasets": "softgrad.datasets"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(_LAZY[name])
+        value = module if module.__name__.endswith(name) else getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'softgrad' has no attribute {name!r}")
+
 __all__ = [
     "GradcheckReport",
+    "SoftmaxClassifier",
     "__version__",
     "available_backends",
     "cross_entropy",

@@ -1,0 +1,686 @@
+"""``SoftmaxClassifier``: multinomial logistic regression with scikit-learn's estimator contract.
+
+Layering: the loss kernel ``(logits, target) -> (loss, grad_logits)`` lives in
+``softgrad._kernels``; :mod:`softgrad._linear_model` composes it with the linear map
+(one reusable ``(N, C)`` work array per problem); this module validates input, picks a
+solver, and keeps scikit-learn's fitted-attribute conventions. Saving uses ``.npz``
+with a JSON header and never pickle.
+
+Conventions:
+    ``coef_`` is ``(C, D)`` and ``intercept_`` is ``(C,)``, one row per class in the order
+    of ``classes_`` (also for two classes: a softmax model keeps both rows, and
+    ``coef_[1] - coef_[0]`` is the log-odds weight vector). Inside the solvers the
+    weights are held transposed, ``W = coef_.T`` of shape ``(D, C)``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import numbers
+import sys
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import scipy.optimize
+from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.class_weight import compute_class_weight
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, check_random_state, validate_data
+
+from softgrad import _linear_model
+from softgrad._softmax import log_softmax as _log_softmax
+from softgrad._softmax import softmax as _softmax
+
+__all__ = ["SoftmaxClassifier"]
+
+_FORMAT = "softgrad.SoftmaxClassifier"
+_FORMAT_VERSION = 1
+# Below this many multiply-adds per evaluation (N * D * C) the float32 phase of
+# precision="auto" saves less than the float32 copy of X and the restart cost.
+_MIXED_MIN_WORK = 1 << 23
+# relative objective decrease at which L-BFGS-B stops (as scikit-learn sets it)
+_FTOL = 64 * np.finfo(np.float64).eps
+
+
+class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
+    r"""Linear softmax classifier (multinomial logistic regression) trained by our own gradient.
+
+    Minimises, over weights :math:`W` (``D x C``) and intercepts :math:`b` (``C``),
+
+    .. math::
+
+        J(W, b) = \sum_i r_i \Big(\log\sum_c e^{z_{ic}} - z_{i y_i}\Big)
+                  + \frac{\alpha}{2}\,\lVert W \rVert_F^2, \qquad
+        z_i = x_i W + b, \quad r_i = \frac{s_i}{\sum_j s_j},
+
+    a weighted *mean* of the cross-entropy plus an L2 penalty (the intercept is not
+    penalised). :math:`s_i` is ``sample_weight`` times the ``class_weight`` of
+    :math:`y_i` (ones by default).
+
+    Regularisation mapping (same minimiser):
+
+    * scikit-learn's ``LogisticRegression(C=...)`` (1.9: multinomial for 3+ classes, L2
+      ``l1_ratio=0``, unpenalised intercept) minimises :math:`C\sum_i s_i\ell_i +
+      \frac12\lVert W\rVert^2`, i.e. :math:`C \sum_j s_j` times our :math:`J` with
+      :math:`\alpha = 1 / (C \sum_j s_j)` (``sum_j s_j = n_samples`` without weights).
+      scikit-learn reports the objective divided by :math:`\sum_j s_j`, which equals our
+      ``objective_``. For **two** classes scikit-learn fits one log-odds vector
+      :math:`w` (binomial); the softmax optimum has :math:`W = [-w/2, w/2]`, so
+      ``LogisticRegression(C=2 / (alpha * sum_j s_j))`` gives the same predictions.
+    * CS231n's ``reg``: seed 003's loop adds ``0.5 * reg * sum(W * W)``, so
+      ``alpha = reg``; the assignment's ``softmax_loss_vectorized`` (seed 001) adds
+      ``reg * sum(W * W)``, so ``alpha = 2 * reg``. Both average the loss over rows.
+    * scikit-learn's ``SGDClassifier(loss="log_loss", alpha=...)`` uses the same
+      ``alpha`` (binary/one-vs-rest there, though).
+
+    Solvers:
+
+    * ``"lbfgs"`` (default): SciPy's L-BFGS-B on our analytic gradient, stopping when
+      the largest gradient entry is ``<= tol`` (scikit-learn's criterion). With
+      ``precision="mixed"`` (chosen automatically for large problems) it first runs in
+      float32 on a float32 copy of ``X`` (twice the matrix-product speed) and then
+      continues in float64 from there until the float64 gradient meets ``tol``, so the
+      result is certified in float64.
+    * ``"gd"``: full-batch gradient descent, the loop of seed 003 (CS231n), with step
+      ``learning_rate`` (``"auto"``: ``1 / L`` for an upper bound ``L`` of the
+      gradient's Lipschitz constant, which guarantees descent); same stopping rule.
+    * ``"sgd"``: mini-batch stochastic gradient descent over ``batch_size`` rows,
+      ``shuffle``-d each epoch with ``random_state``; ``max_iter`` counts epochs; stops
+      when the epoch objective has not improved by ``tol`` for ``n_iter_no_change``
+      epochs.
+
+    ``schedule`` sets the step of ``gd``/``sgd`` at iteration/epoch ``t``:
+    ``"constant"`` (:math:`\eta`), ``"invscaling"`` (:math:`\eta/\sqrt{t+1}`) or
+    ``"adaptive"`` (:math:`\eta` halves whenever the objective fails to decrease).
+
+    Args:
+        alpha: L2 strength :math:`\alpha \ge 0` (see the mapping above).
+        fit_intercept: learn :math:`b` (otherwise :math:`b = 0`).
+        solver: ``"lbfgs"``, ``"gd"`` or ``"sgd"``.
+        max_iter: iterations (``lbfgs``, ``gd``) or epochs (``sgd``), ``>= 1``.
+        tol: stopping tolerance ``>= 0`` (see the solvers).
+        learning_rate: step size ``> 0`` of ``gd``/``sgd``, or ``"auto"`` (``1 / L``).
+        schedule: ``"constant"``, ``"invscaling"`` or ``"adaptive"`` (``gd``/``sgd``).
+        batch_size: rows per mini-batch of ``sgd`` (clipped to ``n_samples``).
+        shuffle: reshuffle the rows every ``sgd`` epoch.
+        n_iter_no_change: patience of ``sgd``'s stopping rule, in epochs.
+        class_weight: ``None``, ``"balanced"`` (``n_samples / (n_classes * count)``) or a
+            dict ``{label: weight}``; multiplies ``sample_weight``.
+        precision: ``"float64"``, ``"mixed"`` (``lbfgs`` only: a float32 phase, then
+            float64; costs a float32 copy of ``X``) or ``"auto"`` (``"mixed"`` when
+            ``N * D * C >= 2**23`` and the solver is ``lbfgs``, else ``"float64"``).
+        warm_start: start from the previous ``coef_``/``intercept_`` when the classes
+            and features match.
+        random_state: seed or ``numpy.random.RandomState``/``Generator`` for ``sgd``'s
+            shuffling.
+        verbose: ``> 0`` prints the objective every iteration/epoch.
+        callback: ``None`` or ``callback(n_iter, objective)``, called after each
+            iteration/epoch (e.g. to drive a progress bar); not saved by :meth:`save`.
+
+    Attributes:
+        classes_: ``(C,)`` the sorted labels (any type ``numpy.unique`` sorts).
+        coef_: ``(C, D)`` float64 weights.
+        intercept_: ``(C,)`` float64 intercepts (zeros without ``fit_intercept``).
+        n_iter_: iterations (``lbfgs``, ``gd``) or epochs (``sgd``) run, an int.
+        loss_curve_: ``(n_iter_,)`` float64 objective after each iteration (``sgd``: the
+            mean of the mini-batch objectives over the epoch).
+        objective_: float, :math:`J` at the returned weights, in float64.
+        n_features_in_, feature_names_in_: as in scikit-learn.
+
+    Examples:
+        >>> from sklearn.datasets import load_iris
+        >>> X, y = load_iris(return_X_y=True)
+        >>> clf = SoftmaxClassifier(alpha=1e-2).fit(X, y)
+        >>> clf.coef_.shape, clf.predict_proba(X[:2]).sum(axis=1).round(6)
+        ((3, 4), array([1., 1.]))
+        >>> bool(clf.score(X, y) > 0.95)
+        True
+    """
+
+    _parameter_constraints: dict = {
+        "alpha": [Interval(numbers.Real, 0, None, closed="left")],
+        "fit_intercept": ["boolean"],
+        "solver": [StrOptions({"lbfgs", "gd", "sgd"})],
+        "max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
+        "tol": [Interval(numbers.Real, 0, None, closed="left")],
+        "learning_rate": [Interval(numbers.Real, 0, None, closed="neither"), StrOptions({"auto"})],
+        "schedule": [StrOptions({"constant", "invscaling", "adaptive"})],
+        "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
+        "shuffle": ["boolean"],
+        "n_iter_no_change": [Interval(numbers.Integral, 1, None, closed="left")],
+        "class_weight": [dict, StrOptions({"balanced"}), None],
+        "precision": [StrOptions({"auto", "float64", "mixed"})],
+        "warm_start": ["boolean"],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+        "callback": [callable, None],
+    }
+
+    def __init__(self, alpha=1e-3, *, fit_intercept=True, solver="lbfgs", max_iter=100, tol=1e-4,
+                 learning_rate="auto", schedule="constant", batch_size=200, shuffle=True,
+                 n_iter_no_change=5, class_weight=None, precision="auto", warm_start=False,
+                 random_state=None, verbose=0, callback=None):
+        self.alpha = alpha
+        self.fit_intercept = fit_intercept
+        self.solver = solver
+        self.max_iter = max_iter
+        self.tol = tol
+        self.learning_rate = learning_rate
+        self.schedule = schedule
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.n_iter_no_change = n_iter_no_change
+        self.class_weight = class_weight
+        self.precision = precision
+        self.warm_start = warm_start
+        self.random_state = random_state
+        self.verbose = verbose
+        self.callback = callback
+
+    # ------------------------------------------------------------------ fit
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y, sample_weight=None):
+        """Fit the model to ``X`` ``(n_samples, n_features)`` and labels ``y`` ``(n_samples,)``.
+
+        Args:
+            X: array-like ``(N, D)`` of finite numbers (dense).
+            y: array-like ``(N,)`` class labels of any type ``numpy.unique`` can sort;
+                at least two classes.
+            sample_weight: ``None`` or array-like ``(N,)`` of finite non-negative weights.
+
+        Returns:
+            self
+
+        Raises:
+            ValueError: NaN/inf or empty ``X``, mismatched lengths, continuous ``y``,
+                fewer than two classes (with positive weight), negative/non-finite
+                ``sample_weight`` or a zero total weight, invalid parameters.
+            TypeError: sparse ``X``.
+        """
+        X, y = validate_data(self, X, y, accept_sparse=False, dtype=[np.float64, np.float32],
+                             order="C")
+        check_classification_targets(y)
+        classes, target = np.unique(y, return_inverse=True)
+        target = np.ascontiguousarray(target.reshape(-1), dtype=np.int64)
+        if classes.shape[0] < 2:
+            raise ValueError(
+                "SoftmaxClassifier needs samples of at least 2 classes in y; the data contains "
+                f"only one class: {classes[0]!r}")
+        weights = self._row_weights(sample_weight, classes, y, target)
+        present = np.bincount(target, weights=weights, minlength=classes.shape[0]) > 0
+        if present.sum() < 2:
+            raise ValueError(
+                "SoftmaxClassifier needs at least 2 classes with positive sample_weight; the "
+                f"weights leave only the class {classes[np.flatnonzero(present)[0]]!r}")
+        row_scale = weights / weights.sum()
+
+        N, D = X.shape
+        C = classes.shape[0]
+        W, b = self._initial_weights(classes, D)
+        precision = self.precision
+        if precision == "auto":
+            precision = "mixed" if self.solver == "lbfgs" and N * D * C >= _MIXED_MIN_WORK else "float64"
+
+        self._curve: list[float] = []
+        X64 = X.astype(np.float64, copy=False)
+        if self.solver == "lbfgs":
+            X32 = None
+            if precision == "mixed":
+                X32 = X if X.dtype == np.float32 else X.astype(np.float32)
+            W, b, objective, converged = self._fit_lbfgs(X64, X32, target, row_scale, W, b)
+        elif self.solver == "gd":
+            W, b, objective, converged = self._fit_gd(X64, target, row_scale, W, b)
+        else:
+            W, b, objective, converged = self._fit_sgd(X64, target, row_scale, W, b)
+
+        if not converged:
+            warnings.warn(
+                f"SoftmaxClassifier(solver={self.solver!r}) did not converge within "
+                f"max_iter={self.max_iter} {'epochs' if self.solver == 'sgd' else 'iterations'} "
+                f"(tol={self.tol}); increase max_iter or tol, or standardise X.",
+                ConvergenceWarning, stacklevel=3)
+        self.classes_ = classes
+        self.coef_ = np.ascontiguousarray(W.T, dtype=np.float64)
+        self.intercept_ = np.zeros(C) if b is None else np.asarray(b, dtype=np.float64).copy()
+        self.loss_curve_ = np.asarray(self._curve, dtype=np.float64)
+        self.n_iter_ = int(self.loss_curve_.shape[0])
+        self.objective_ = float(objective)
+        del self._curve
+        return self
+
+    def _row_weights(self, sample_weight, classes, y, target):
+        """``s_i``: validated ``sample_weight`` times ``class_weight[y_i]``, float64 ``(N,)``."""
+        N = target.shape[0]
+        if sample_weight is None:
+            s = np.ones(N)
+        else:
+            s = np.asarray(sample_weight)
+            if s.ndim == 0:
+                s = np.full(N, s)
+            if s.dtype == object or not np.issubdtype(s.dtype, np.number) or np.iscomplexobj(s):
+                raise TypeError(f"sample_weight must be an array of real numbers, got dtype {s.dtype}")
+            if s.shape != (N,):
+                raise ValueError(f"sample_weight must have shape ({N},) (one per sample), got {s.shape}")
+            s = s.astype(np.float64)
+            if not np.isfinite(s).all():
+                raise ValueError("sample_weight contains NaN or infinity")
+            if (s < 0).any():
+                raise ValueError("sample_weight contains negative values")
+        if self.class_weight is not None:
+            cw = compute_class_weight(self.class_weight, classes=classes, y=y)
+            s = s * cw[target]
+        if not s.sum() > 0:
+            raise ValueError("sample_weight (times class_weight) sums to 0; nothing to fit")
+        return s
+
+    def _initial_weights(self, classes, D):
+        """Zeros (the objective is convex), or the previous fit with ``warm_start``."""
+        C = classes.shape[0]
+        if (self.warm_start and hasattr(self, "coef_") and self.coef_.shape == (C, D)
+                and np.array_equal(self.classes_, classes)):
+            W = np.ascontiguousarray(self.coef_.T, dtype=np.float64)
+            b = self.intercept_.astype(np.float64) if self.fit_intercept else None
+            return W, b
+        return np.zeros((D, C)), (np.zeros(C) if self.fit_intercept else None)
+
+    def _record(self, objective):
+        self._curve.append(float(objective))
+        n = len(self._curve)
+        if self.verbose:
+            print(f"SoftmaxClassifier[{self.solver}] iteration {n}: objective {objective:.8f}",
+                  file=sys.stdout)
+        if self.callback is not None:
+            self.callback(n, float(objective))
+
+    # ---------------------------------------------------------------- lbfgs
+    def _fit_lbfgs(self, X64, X32, target, row_scale, W, b):
+        D, C = W.shape
+        theta = _pack(W, b)
+        converged = False
+        if X32 is not None:
+            f32 = _Objective(X32, target, row_scale, self.alpha, C, b is not None)
+            # The float32 objective carries ~1e-7 relative noise, so its line searches stop
+            # making progress near the optimum; the float64 phase below finishes the job.
+            res = self._run_lbfgs(f32, theta, self.max_iter, ftol=1e-7)
+            theta = res.x
+        f64 = _Objective(X64, target, row_scale, self.alpha, C, b is not None)
+        remaining = self.max_iter - len(self._curve)
+        objective, grad = f64(theta)
+        if np.max(np.abs(grad)) <= self.tol:
+            converged = True
+        elif remaining > 0:
+            res = self._run_lbfgs(f64, theta, remaining, ftol=_FTOL)
+            theta = res.x
+            objective, grad = f64(theta)
+            converged = res.status == 0
+        W, b = _unpack(theta, D, C, b is not None)
+        return W, b, objective, converged
+
+    def _run_lbfgs(self, fun, theta, maxiter, ftol):
+        def record(intermediate_result):
+            self._record(intermediate_result.fun)
+
+        return scipy.optimize.minimize(
+            fun, theta, method="L-BFGS-B", jac=True, callback=record,
+            options={"maxiter": int(maxiter), "maxls": 50, "gtol": self.tol, "ftol": ftol})
+
+    # ------------------------------------------------------------------- gd
+    def _step_size(self, X, row_scale, fit_intercept):
+        if self.learning_rate == "auto":
+            return 1.0 / _linear_model.lipschitz_bound(X, row_scale, self.alpha, fit_intercept)
+        return float(self.learning_rate)
+
+    def _scheduled(self, eta0, eta, t, objective, previous):
+        """Step for iteration/epoch ``t + 1`` given the objective of ``t`` and ``t - 1``."""
+        if self.schedule == "invscaling":
+            return eta0 / math.sqrt(t + 2)
+        if self.schedule == "adaptive" and objective >= previous:
+            return 0.5 * eta
+        return eta
+
+    def _fit_gd(self, X, target, row_scale, W, b):
+        N, D = X.shape
+        C = W.shape[1]
+        work = np.empty((N, C))
+        loss_rows = np.empty(N)
+        eta0 = eta = self._step_size(X, row_scale, b is not None)
+        gW = np.empty_like(W)
+        gb = None if b is None else np.empty_like(b)
+        objective, gW, gb = _linear_model.objective_and_gradient(
+            W, b, X, target, row_scale, self.alpha, work, loss_rows, gW, gb)
+        previous = math.inf
+        converged = False
+        for t in range(self.max_iter):
+            if _max_abs(gW, gb) <= self.tol:
+                converged = True
+                break
+            # the seed's update: W += -step * dW ; b += -step * db
+            W -= eta * gW
+            if b is not None:
+                b -= eta * gb
+            new_objective, gW, gb = _linear_model.objective_and_gradient(
+                W, b, X, target, row_scale, self.alpha, work, loss_rows, gW, gb)
+            self._record(new_objective)
+            previous, objective = objective, new_objective
+            eta = self._scheduled(eta0, eta, t, objective, previous)
+        else:
+            converged = _max_abs(gW, gb) <= self.tol
+        return W, b, objective, converged
+
+    # ------------------------------------------------------------------ sgd
+    def _fit_sgd(self, X, target, row_scale, W, b):
+        N, D = X.shape
+        C = W.shape[1]
+        B = min(self.batch_size, N)
+        rng = check_random_state(self.random_state)
+        eta0 = eta = self._step_size(X, row_scale, b is not None)
+        # Buffers reused by every batch: rows of X, targets, scales, logits/gradient.
+        Xb = np.empty((B, D))
+        tb = np.empty(B, dtype=np.int64)
+        rb = np.empty(B)
+        work = np.empty((B, C))
+        loss_rows = np.empty(B)
+        gW = np.empty_like(W)
+        gb = None if b is None else np.empty_like(b)
+        order = np.arange(N)
+        best = math.inf
+        stall = 0
+        previous = math.inf
+        converged = False
+        for epoch in range(self.max_iter):
+            if self.shuffle:
+                rng.shuffle(order)
+            epoch_objective = 0.0
+            for start in range(0, N, B):
+                idx = order[start:start + B]
+                n = idx.shape[0]
+                xb, yb, sb = Xb[:n], tb[:n], rb[:n]
+                np.take(X, idx, axis=0, out=xb)
+                np.take(target, idx, out=yb)
+                # (N / n) r_i makes the batch objective an unbiased estimate of J.
+                np.take(row_scale, idx, out=sb)
+                sb *= N / n
+                objective, gW, gb = _linear_model.objective_and_gradient(
+                    W, b, xb, yb, sb, self.alpha, work[:n], loss_rows[:n], gW, gb)
+                epoch_objective += objective * (n / N)
+                W -= eta * gW
+                if b is not None:
+                    b -= eta * gb
+            self._record(epoch_objective)
+            if epoch_objective > best - self.tol:
+                stall += 1
+            else:
+                stall = 0
+            best = min(best, epoch_objective)
+            eta = self._scheduled(eta0, eta, epoch, epoch_objective, previous)
+            previous = epoch_objective
+            if stall >= self.n_iter_no_change:
+                converged = True
+                break
+        objective = _full_objective(X, target, row_scale, self.alpha, W, b)
+        return W, b, objective, converged
+
+    # ------------------------------------------------------------- predict
+    def _logits(self, X):
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, accept_sparse=False, dtype=[np.float64, np.float32])
+        return X.astype(np.float64, copy=False) @ self.coef_.T + self.intercept_
+
+    def decision_function(self, X):
+        """Class scores ``z = X @ coef_.T + intercept_``.
+
+        Args:
+            X: array-like ``(N, D)``.
+
+        Returns:
+            float64 ``(N, C)`` logits; for two classes the log-odds of ``classes_[1]``,
+            ``z_1 - z_0``, of shape ``(N,)`` (scikit-learn's binary convention).
+        """
+        z = self._logits(X)
+        return z[:, 1] - z[:, 0] if z.shape[1] == 2 else z
+
+    def predict_proba(self, X):
+        """Class probabilities ``softmax(z)``, float64 ``(N, C)`` in the order of ``classes_``."""
+        return _softmax(self._logits(X), axis=-1)
+
+    def predict_log_proba(self, X):
+        """``log_softmax(z)`` (stable, no ``log(0)``), float64 ``(N, C)``."""
+        return _log_softmax(self._logits(X), axis=-1)
+
+    def predict(self, X):
+        """The most probable label per row, ``classes_[argmax z]``, shape ``(N,)``."""
+        return self.classes_[np.argmax(self._logits(X), axis=1)]
+
+    # ----------------------------------------------------------- save/load
+    def save(self, path) -> Path:
+        """Write the fitted model to ``path`` as ``.npz`` without pickle.
+
+        The file holds a JSON header (format name and version, softgrad version,
+        parameters, label type) and the arrays ``coef``, ``intercept``, ``classes``,
+        ``loss_curve`` and, if present, ``feature_names_in``. Labels must be numbers,
+        booleans or strings.
+
+        Returns:
+            The path written.
+
+        Raises:
+            sklearn.exceptions.NotFittedError: the model is not fitted.
+            TypeError: labels or feature names of a type that cannot be stored without pickle.
+        """
+        check_is_fitted(self)
+        classes, label_kind = _encode_labels(self.classes_)
+        params = {k: v for k, v in self.get_params().items() if k not in ("callback", "random_state")}
+        if isinstance(params["class_weight"], dict):
+            cw = params["class_weight"]
+            keys, kind = _encode_labels(np.array(list(cw.keys())))
+            params["class_weight"] = {"labels": keys.tolist(), "label_kind": kind,
+                                      "weights": [float(v) for v in cw.values()]}
+        header = {"format": _FORMAT, "version": _FORMAT_VERSION,
+                  "softgrad": _softgrad_version(), "label_kind": label_kind,
+                  "n_features_in": int(self.n_features_in_), "n_iter": int(self.n_iter_),
+                  "objective": float(self.objective_), "params": params}
+        arrays = {"header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
+                  "coef": self.coef_, "intercept": self.intercept_, "classes": classes,
+                  "loss_curve": self.loss_curve_}
+        if hasattr(self, "feature_names_in_"):
+            names, _ = _encode_labels(np.asarray(self.feature_names_in_))
+            arrays["feature_names_in"] = names.astype(str)
+        path = Path(path)
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path) -> "SoftmaxClassifier":
+        """Read a model written by :meth:`save` (``allow_pickle=False``).
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+            ValueError: the file is not a softgrad model (not an ``.npz``, truncated,
+                no or a foreign header, an unsupported version, missing or inconsistent
+                arrays, non-finite weights).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"model file {str(path)!r} does not exist")
+        raw = path.read_bytes()
+        try:
+            with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
+                data = {key: npz[key] for key in npz.files}
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as exc:
+            raise ValueError(
+                f"{str(path)!r} is not a softgrad model file (an .npz written by "
+                f"SoftmaxClassifier.save): {exc}") from exc
+        return cls._from_arrays(data, str(path))
+
+    @classmethod
+    def _from_arrays(cls, data, name):
+        def bad(why):
+            return ValueError(f"{name!r} is not a valid softgrad model file: {why}")
+
+        if "header" not in data:
+            raise bad("no 'header' entry (not written by SoftmaxClassifier.save)")
+        try:
+            header = json.loads(data["header"].astype(np.uint8).tobytes().decode())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise bad(f"the header is not valid JSON ({exc})") from exc
+        if not isinstance(header, dict) or header.get("format") != _FORMAT:
+            raise bad(f"header format is {header.get('format') if isinstance(header, dict) else header!r}, "
+                      f"expected {_FORMAT!r}")
+        if header.get("version") != _FORMAT_VERSION:
+            raise bad(f"format version {header.get('version')!r} is not supported "
+                      f"(this softgrad reads version {_FORMAT_VERSION})")
+        for key in ("coef", "intercept", "classes", "loss_curve"):
+            if key not in data:
+                raise bad(f"missing array {key!r}")
+        coef, intercept, classes = data["coef"], data["intercept"], data["classes"]
+        try:
+            D = int(header["n_features_in"])
+            params = dict(header["params"])
+            label_kind = header["label_kind"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise bad(f"incomplete header ({exc})") from exc
+        if coef.ndim != 2 or not np.issubdtype(coef.dtype, np.floating) or coef.shape[1] != D:
+            raise bad(f"coef must be a float (C, {D}) array, got {coef.dtype} {coef.shape}")
+        C = coef.shape[0]
+        if intercept.shape != (C,) or not np.issubdtype(intercept.dtype, np.floating):
+            raise bad(f"intercept must be a float ({C},) array, got {intercept.dtype} {intercept.shape}")
+        if classes.shape != (C,) or C < 2:
+            raise bad(f"classes must have shape ({C},) with C >= 2, got {classes.shape}")
+        if not (np.isfinite(coef).all() and np.isfinite(intercept).all()):
+            raise bad("coef/intercept contain NaN or infinity")
+        cw = params.get("class_weight")
+        if isinstance(cw, dict):
+            keys = _decode_labels(np.asarray(cw["labels"]), cw["label_kind"])
+            params["class_weight"] = dict(zip(keys.tolist(), cw["weights"]))
+        try:
+            model = cls(**params)
+        except TypeError as exc:
+            raise bad(f"unknown parameters in header ({exc})") from exc
+        model.classes_ = _decode_labels(classes, label_kind)
+        model.coef_ = np.ascontiguousarray(coef, dtype=np.float64)
+        model.intercept_ = intercept.astype(np.float64)
+        model.loss_curve_ = data["loss_curve"].astype(np.float64)
+        model.n_iter_ = int(header.get("n_iter", model.loss_curve_.shape[0]))
+        model.objective_ = float(header.get("objective", np.nan))
+        model.n_features_in_ = D
+        if "feature_names_in" in data:
+            model.feature_names_in_ = data["feature_names_in"].astype(object)
+        return model
+
+
+class _Objective:
+    """``theta -> (J, grad)`` for SciPy, with ``theta = [W.ravel(), b]`` in float64.
+
+    Holds the problem in one compute dtype (``X``'s) and the reusable buffers: the
+    ``(N, C)`` work array and the ``(N,)`` per-row losses.
+    """
+
+    def __init__(self, X, target, row_scale, alpha, C, fit_intercept):
+        N, D = X.shape
+        self.X, self.target, self.row_scale, self.alpha = X, target, row_scale, float(alpha)
+        self.D, self.C, self.fit_intercept = D, C, fit_intercept
+        self.dtype = X.dtype
+        self.work = np.empty((N, C), dtype=X.dtype)
+        self.loss_rows = np.empty(N)
+
+    def __call__(self, theta):
+        D, C = self.D, self.C
+        grad = np.empty(theta.shape[0])
+        if self.dtype == np.float64:
+            W, b = _unpack(theta, D, C, self.fit_intercept)
+            gW = grad[:D * C].reshape(D, C)
+            gb = grad[D * C:] if self.fit_intercept else None
+            J, _, _ = _linear_model.objective_and_gradient(
+                W, b, self.X, self.target, self.row_scale, self.alpha, self.work,
+                self.loss_rows, gW, gb)
+        else:
+            t = theta.astype(self.dtype)
+            W, b = _unpack(t, D, C, self.fit_intercept)
+            J, gW, gb = _linear_model.objective_and_gradient(
+                W, b, self.X, self.target, self.row_scale, self.alpha, self.work, self.loss_rows)
+            grad[:D * C] = gW.reshape(-1)
+            if self.fit_intercept:
+                grad[D * C:] = gb
+        return J, grad
+
+
+def _pack(W, b):
+    return np.concatenate([W.reshape(-1), b]) if b is not None else W.reshape(-1).copy()
+
+
+def _unpack(theta, D, C, fit_intercept):
+    W = theta[:D * C].reshape(D, C)
+    return W, (theta[D * C:] if fit_intercept else None)
+
+
+def _max_abs(gW, gb):
+    m = float(np.max(np.abs(gW)))
+    return m if gb is None else max(m, float(np.max(np.abs(gb))))
+
+
+def _full_objective(X, target, row_scale, alpha, W, b):
+    """``J`` over all rows, in row blocks so no ``(N, C)`` array is allocated."""
+    N = X.shape[0]
+    step = max(1, (1 << 16) // W.shape[1])
+    work = np.empty((min(step, N), W.shape[1]))
+    loss_rows = np.empty(min(step, N))
+    data = 0.0
+    for start in range(0, N, step):
+        sl = slice(start, min(start + step, N))
+        n = sl.stop - sl.start
+        np.matmul(X[sl], W, out=work[:n])
+        if b is not None:
+            work[:n] += b
+        _kernels_ce(work[:n], target[sl], loss_rows[:n])
+        data += float(np.dot(loss_rows[:n], row_scale[sl]))
+    return data + 0.5 * alpha * float(np.vdot(W, W))
+
+
+def _kernels_ce(logits, target, loss_out):
+    from softgrad._backend import kernels
+
+    kernels().cross_entropy_index(logits, target, None, -100, 0.0,
+                                  np.zeros(target.shape[0]), loss_out, None)
+
+
+def _encode_labels(labels):
+    """Labels as a pickle-free array and a kind tag: ``"int"``, ``"float"``, ``"bool"``, ``"str"``."""
+    labels = np.asarray(labels)
+    kind = labels.dtype.kind
+    if kind == "b":
+        return labels, "bool"
+    if kind in "iu":
+        return labels.astype(np.int64), "int"
+    if kind == "f":
+        return labels.astype(np.float64), "float"
+    if kind == "U":
+        return labels, "str"
+    if kind == "O" and all(isinstance(v, str) for v in labels.tolist()):
+        return labels.astype(str), "object-str"
+    raise TypeError(
+        f"labels of dtype {labels.dtype} (values like {labels.tolist()[:3]!r}) cannot be saved "
+        "without pickle; use numbers, booleans or strings")
+
+
+def _decode_labels(arr, kind):
+    if kind == "object-str":
+        return arr.astype(str).astype(object)
+    if kind == "str":
+        return arr.astype(str)
+    dtype = {"bool": np.bool_, "int": np.int64, "float": np.float64}.get(kind)
+    if dtype is None or arr.dtype.kind not in "biuf":
+        raise ValueError(f"label kind {kind!r} with stored dtype {arr.dtype} is not supported")
+    return arr.astype(dtype)
+
+
+def _softgrad_version():
+    import softgrad
+
+    return softgrad.__version__
