@@ -43,6 +43,9 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Which row kernels run: "auto" (Triton on CUDA when it imports, PyTorch ops otherwise),
 # "torch", or "triton[:variant[:block_size[:num_warps]]]". Set by _use_kernel (tests, benchmarks).
 _KERNEL = "auto"
+# Whether an eager backward scales the stored gradient in place (one backward per call) or
+# out of place (any number of backwards, one more (N, C) buffer). Set by _out_of_place_backward.
+_SCALE_IN_PLACE = True
 
 
 class CrossEntropyOutput(NamedTuple):
@@ -85,6 +88,18 @@ def _use_kernel(spec: str) -> Iterator[None]:
         yield
     finally:
         _KERNEL = previous
+
+
+@contextlib.contextmanager
+def _out_of_place_backward() -> Iterator[None]:
+    """Calls made inside the ``with`` block scale their gradient out of place in the backward, so
+    several backwards through one call work (``torch.autograd.gradcheck`` back-propagates twice)."""
+    global _SCALE_IN_PLACE
+    previous, _SCALE_IN_PLACE = _SCALE_IN_PLACE, False
+    try:
+        yield
+    finally:
+        _SCALE_IN_PLACE = previous
 
 
 def _backend(spec: str, device: torch.device):
@@ -171,6 +186,17 @@ def _fake_outputs(logits: Tensor, reduction: str) -> tuple[Tensor, Tensor, Tenso
             logits.new_empty((logits.shape[0],), dtype=cdt))
 
 
+def _scales_in_place(ctx, grad: Tensor | None = None) -> bool:
+    """Whether this backward scales the stored gradient in place; raises if it already did once."""
+    if not ctx.scale_in_place or torch.compiler.is_compiling() or (grad is not None and type(grad) is not torch.Tensor):
+        return False
+    if ctx.grad_consumed:
+        raise RuntimeError("cross_entropy computes the gradient in the forward and hands it to the first backward; "
+                           "a second backward through the same call (retain_graph=True) is not supported. Call "
+                           "cross_entropy again, or keep the first gradient.")
+    return True
+
+
 def _scale_stored_grad(ctx, grad: Tensor, grad_loss: Tensor, kernel: str) -> Tensor:
     """``grad * grad_loss`` (a scalar, or one factor per row for ``reduction="none"``).
 
@@ -178,13 +204,9 @@ def _scale_stored_grad(ctx, grad: Tensor, grad_loss: Tensor, kernel: str) -> Ten
     second ``(N, C)`` buffer); it can be handed on only once. While a graph is being traced
     (``torch.compile``, ``opcheck``) the product is out of place, for the compiler to fuse.
     """
-    if torch.compiler.is_compiling() or type(grad) is not torch.Tensor:
+    if not _scales_in_place(ctx, grad):
         factor = grad_loss if grad_loss.dim() == 0 else grad_loss[:, None]
         return (grad * factor).to(grad.dtype)
-    if ctx.grad_consumed:
-        raise RuntimeError("cross_entropy computes the gradient in the forward and hands it to the first backward; "
-                           "a second backward through the same call (retain_graph=True) is not supported. Call "
-                           "cross_entropy again, or keep the first gradient.")
     ctx.grad_consumed = True
     module, _ = _backend(kernel, grad.device)
     module.scale_rows_(grad, grad_loss.detach())
@@ -234,6 +256,7 @@ def _setup_context(ctx, inputs, output):
     ctx.with_grad, ctx.kernel, ctx.reduction = with_grad, kernel, reduction
     ctx.label_smoothing, ctx.softcap = label_smoothing, softcap
     ctx.grad_consumed = False
+    ctx.scale_in_place = _SCALE_IN_PLACE
     ctx.target_grad = target.is_floating_point() and target.requires_grad
     if ctx.target_grad:
         ctx.save_for_backward(grad, logits, target, weight, lse)
@@ -244,6 +267,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _grad_z, _grad_lse, _grad_grad):
     if grad_loss is None:
         return (None,) * 10
+    if ctx.needs_input_grad[0]:
+        _scales_in_place(ctx)  # a second backward raises here, before autograd's saved-tensor check does
     saved = ctx.saved_tensors
     grad_logits = grad_target = None
     if ctx.target_grad and ctx.needs_input_grad[1]:
@@ -285,6 +310,7 @@ class _InplaceCrossEntropy(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.kernel = kernel
         ctx.grad_consumed = False
+        ctx.scale_in_place = _SCALE_IN_PLACE
         # saved after the operator bumped the version counter: if anything else writes to
         # the logits before the backward, autograd's version check raises
         ctx.save_for_backward(logits)
@@ -294,6 +320,7 @@ class _InplaceCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_z, _grad_lse):
         if grad_loss is None:
             return (None,) * 9
+        _scales_in_place(ctx)
         (grad,) = ctx.saved_tensors
         return (_scale_stored_grad(ctx, grad, grad_loss, ctx.kernel),) + (None,) * 8
 
