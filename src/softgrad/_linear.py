@@ -97,9 +97,10 @@ def _layer_args(W, x):
 
 def _scores(X, W, b, dtype):
     """``X @ W (+ b)`` in ``dtype``; a ValueError if it overflows."""
-    scores = X.astype(dtype, copy=False) @ W.astype(dtype, copy=False)
-    if b is not None:
-        scores += b.astype(dtype, copy=False)
+    with np.errstate(over="ignore", invalid="ignore"):  # reported below as a ValueError
+        scores = X.astype(dtype, copy=False) @ W.astype(dtype, copy=False)
+        if b is not None:
+            scores += b.astype(dtype, copy=False)
     if not np.isfinite(scores).all():
         raise ValueError(f"the scores X @ W{' + b' if b is not None else ''} overflow {np.dtype(dtype)}; "
                          "scale X or W down")
