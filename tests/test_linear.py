@@ -153,8 +153,9 @@ def test_small_weights_give_log_C(backend, rng, method):
     X = rng.normal(size=(40, 3073))
     y = rng.integers(0, 10, size=40)
     loss, _ = softgrad.linear_softmax_loss(W, X, y, 0.0, method=method)
-    # scores are ~1e-4 * sqrt(3073) ~ 6e-3, so the loss is within ~1e-4 of log 10
-    assert abs(float(loss) - (-np.log(0.1))) < 1e-3
+    # scores are ~1e-4 * sqrt(3073) ~ 5.5e-3, so the mean loss is log 10 give or take
+    # ~5.5e-3 / sqrt(40) ~ 9e-4; 5e-3 is over five standard deviations
+    assert abs(float(loss) - (-np.log(0.1))) < 5e-3
 
 
 def test_large_scores_are_stable(backend, rng):
