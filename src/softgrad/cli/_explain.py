@@ -122,7 +122,7 @@ def _explain_ce(z: np.ndarray, y: np.ndarray, target: int, eps: float) -> list[s
         _line("Jacobian", "J = da/dz, J_ij = a_i (delta_ij - a_j) =\n" + _fmt(J)),
         _line("cross-entropy", f"E = -sum_k y_k log a_k = {loss:.8f}"),
         _line("dE/da", _with_prefix("-y/a = ", dE_da)),
-        _line("  numerical", _with_prefix("       ", num_dE_da)),
+        _line("  numerical", _with_prefix("central differences = ", num_dE_da)),
         _line("dE/dz", _with_prefix("a - y = ", dE_dz)),
         _line("  chain rule", _with_prefix("J^T (-y/a) = ", chain)),
         _line("  numerical", _with_prefix("central differences = ", num_dE_dz)),
