@@ -152,6 +152,11 @@ def test_inplace_backward_overwrites_logits_with_the_gradient(rng):
     torch.testing.assert_close(logits.detach(), expected, **F64)
     loss.backward(torch.tensor(0.5, dtype=torch.float64))
     torch.testing.assert_close(z0.grad, 0.5 * expected, **F64)
+    # the gradient handed to autograd is a plain buffer, not a tensor of the graph
+    leaf = z0.detach().clone().requires_grad_()
+    (g,) = torch.autograd.grad(cross_entropy(leaf.view(5, 6), y, label_smoothing=0.2, inplace_backward=True), leaf)
+    assert not g.requires_grad and g.grad_fn is None
+    torch.testing.assert_close(g, expected, **F64)
 
 
 def test_logits_unchanged_without_inplace(rng):
@@ -190,7 +195,7 @@ def test_gradcheck_float64(rng, options):
     z = torch.from_numpy(rng.normal(size=(4, 5, 2)) * 2).requires_grad_()
     y = _make_target(rng, "index", z.shape)
     w = torch.from_numpy(rng.uniform(0.5, 1.5, size=5))
-    with ce_mod._out_of_place_backward():  # gradcheck back-propagates through one call twice
+    with ce_mod._options(scale_in_place=False):  # gradcheck back-propagates through one call twice
         for reduction in REDUCTIONS:
             assert torch.autograd.gradcheck(
                 lambda x: cross_entropy(x, y, weight=w, reduction=reduction, **options), (z,))
@@ -276,7 +281,7 @@ def test_second_backward_through_one_call_raises(rng):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="retain_graph"):
         loss.backward()
-    with ce_mod._out_of_place_backward():
+    with ce_mod._options(scale_in_place=False):
         loss = cross_entropy(z, y)
     loss.backward(retain_graph=True)
     loss.backward()  # out of place: any number of backwards
@@ -546,3 +551,40 @@ def test_validation_errors_name_the_argument(rng):
     for exc, match, call in cases:
         with pytest.raises(exc, match=match):
             call()
+
+
+def test_unchecked_bad_rows_give_nan_not_garbage(rng):
+    # what a compiled graph (which skips the data checks) returns for out-of-range targets and NaN logits
+    z = torch.from_numpy(rng.normal(size=(4, 5))).requires_grad_()
+    y = torch.tensor([0, 7, 2, -3])
+    with ce_mod._options(check_values=False):
+        loss = cross_entropy(z, y, reduction="none")
+        nan_row = cross_entropy(z.detach().masked_fill(torch.arange(4)[:, None] == 0, float("nan")),
+                                torch.tensor([0, 1, 2, 3]), reduction="none")
+    assert torch.isnan(loss[[1, 3]]).all() and torch.isfinite(loss[[0, 2]]).all()
+    (g,) = torch.autograd.grad(loss[[0, 2]].sum(), z)
+    assert torch.isnan(g[[1, 3]]).all() and torch.isfinite(g[[0, 2]]).all()
+    assert torch.isnan(nan_row[0]) and torch.isfinite(nan_row[1:]).all()
+
+
+# ----------------------------------------------------------------------------- the GPU benchmark's smoke mode
+def test_gpu_benchmark_runs_end_to_end_on_cpu_with_tiny_shapes():
+    # --tiny exercises every code path of benchmarks/bench_gpu_cross_entropy.py (correctness gate,
+    # timing, ratios, table, JSON, PNG) on CPU; its results go to a temporary directory
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_gpu_cross_entropy.py"
+    out = subprocess.run([sys.executable, str(script), "--tiny", "--repeats", "1", "--dtype", "bf16"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    written = Path(out.stdout.strip().splitlines()[-1].removeprefix("wrote "))
+    payload = json.loads(written.read_text())
+    timed = {row["impl"] for row in payload["rows"] if "median_ms" in row}
+    assert {"eager", "eager_upcast", "compile", "softgrad", "softgrad_inplace", "floor"} <= timed
+    assert any(row["impl"] == "liger" and "skipped" in row for row in payload["rows"])
+    assert all(row["floor_fraction"] > 0 for row in payload["rows"] if "median_ms" in row)
+    assert payload["provenance"]["torch"] == torch.__version__
+    assert written.with_suffix(".png").exists()

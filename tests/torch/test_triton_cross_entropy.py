@@ -157,7 +157,7 @@ def test_public_api_on_triton_matches_torch(rng, shape, kind, reduction, inplace
         y.view(-1)[1] = -100
     w = torch.from_numpy(rng.uniform(0.5, 1.5, size=shape[1])).to(DEVICE)
     opts = dict(weight=w, reduction=reduction, label_smoothing=0.1)
-    with ce_mod._use_kernel("triton:two_pass:16"):
+    with ce_mod._options(kernel="triton:two_pass:16"):
         loss = cross_entropy(z0 * 1.0, y, inplace_backward=inplace, **opts)
     ref = F.cross_entropy(z0, y, **opts)
     torch.testing.assert_close(loss, ref, **F64)
@@ -176,7 +176,7 @@ def test_torch_compile_traces_the_triton_path(rng):
     def step(h, wt, y):
         return cross_entropy(h @ wt.T, y, z_loss=1e-3, softcap=5.0)
 
-    with ce_mod._use_kernel("triton:two_pass:16"):
+    with ce_mod._options(kernel="triton:two_pass:16"):
         loss = torch.compile(step, fullgraph=True, backend="aot_eager")(h, wt, y)
         ours = torch.autograd.grad(loss, (h, wt))
     z = h @ wt.T
@@ -263,7 +263,7 @@ def test_gpu_vocabulary_rows_bfloat16_within_upcast_reference(variant):
     for inplace in (False, True):
         zz = (z * 1).requires_grad_() if not inplace else z.clone().requires_grad_()
         src = zz if not inplace else zz * 1  # in place needs a non-leaf
-        with ce_mod._use_kernel(f"triton:{variant}"):
+        with ce_mod._options(kernel=f"triton:{variant}"):
             loss = cross_entropy(src, y, label_smoothing=0.1, inplace_backward=inplace)
         loss.backward()
         torch.testing.assert_close(loss.float(), ref, rtol=1e-2, atol=1e-2)
@@ -280,7 +280,7 @@ def test_gpu_no_recompilation_per_vocabulary_size():
     for v in (40000, 50257, 128256, 256000, 1_000_003):
         z = torch.randn(4, v, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         y = torch.randint(0, v, (4,), device="cuda")
-        with ce_mod._use_kernel("triton:two_pass"):
+        with ce_mod._options(kernel="triton:two_pass"):
             loss = cross_entropy(z, y)
         loss.backward()
         torch.testing.assert_close(loss.float(), F.cross_entropy(z.float(), y), rtol=1e-2, atol=1e-2)

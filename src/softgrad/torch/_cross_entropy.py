@@ -40,12 +40,13 @@ __all__ = ["cross_entropy", "CrossEntropyLoss", "CrossEntropyOutput"]
 _REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Which row kernels run: "auto" (Triton on CUDA when it imports, PyTorch ops otherwise),
-# "torch", or "triton[:variant[:block_size[:num_warps]]]". Set by _use_kernel (tests, benchmarks).
-_KERNEL = "auto"
-# Whether an eager backward scales the stored gradient in place (one backward per call) or
-# out of place (any number of backwards, one more (N, C) buffer). Set by _out_of_place_backward.
-_SCALE_IN_PLACE = True
+# Private switches, changed only through _options() (tests and benchmarks):
+#   kernel: which row kernels run: "auto" (Triton on CUDA when it imports, PyTorch ops
+#       otherwise), "torch", or "triton[:variant[:block_size[:num_warps]]]";
+#   scale_in_place: whether an eager backward scales the stored gradient in place (one
+#       backward per call) or out of place (any number of backwards, one more (N, C) buffer);
+#   check_values: whether eager calls run the data-dependent checks (one host sync).
+_OPTIONS = {"kernel": "auto", "scale_in_place": True, "check_values": True}
 
 
 class CrossEntropyOutput(NamedTuple):
@@ -76,30 +77,24 @@ def _check_kernel_spec(spec: str) -> str:
 
 
 @contextlib.contextmanager
-def _use_kernel(spec: str) -> Iterator[None]:
-    """Select the row kernels inside the ``with`` block (tests and benchmarks).
+def _options(*, kernel: str | None = None, scale_in_place: bool | None = None,
+             check_values: bool | None = None) -> Iterator[None]:
+    """Override the private switches (see ``_OPTIONS``) for calls made inside the ``with`` block.
 
-    ``spec`` is ``"auto"``, ``"torch"`` or ``"triton[:variant[:block_size[:num_warps]]]"``,
-    e.g. ``"triton:two_pass:4096:8"``; on CPU tensors Triton runs only under its interpreter.
+    ``kernel`` is ``"auto"``, ``"torch"`` or ``"triton[:variant[:block_size[:num_warps]]]"``,
+    e.g. ``"triton:two_pass:4096:8"`` (on CPU tensors Triton runs only under its interpreter).
+    ``scale_in_place=False`` lets several backwards run through one call
+    (``torch.autograd.gradcheck`` back-propagates twice). ``check_values=False`` skips the
+    eager data checks, to measure what their host synchronisation costs.
     """
-    global _KERNEL
-    previous, _KERNEL = _KERNEL, _check_kernel_spec(spec)
+    new = {"kernel": None if kernel is None else _check_kernel_spec(kernel), "scale_in_place": scale_in_place,
+           "check_values": check_values}
+    previous = dict(_OPTIONS)
+    _OPTIONS.update({k: v for k, v in new.items() if v is not None})
     try:
         yield
     finally:
-        _KERNEL = previous
-
-
-@contextlib.contextmanager
-def _out_of_place_backward() -> Iterator[None]:
-    """Calls made inside the ``with`` block scale their gradient out of place in the backward, so
-    several backwards through one call work (``torch.autograd.gradcheck`` back-propagates twice)."""
-    global _SCALE_IN_PLACE
-    previous, _SCALE_IN_PLACE = _SCALE_IN_PLACE, False
-    try:
-        yield
-    finally:
-        _SCALE_IN_PLACE = previous
+        _OPTIONS.update(previous)
 
 
 def _backend(spec: str, device: torch.device):
@@ -256,7 +251,7 @@ def _setup_context(ctx, inputs, output):
     ctx.with_grad, ctx.kernel, ctx.reduction = with_grad, kernel, reduction
     ctx.label_smoothing, ctx.softcap = label_smoothing, softcap
     ctx.grad_consumed = False
-    ctx.scale_in_place = _SCALE_IN_PLACE
+    ctx.scale_in_place = _OPTIONS["scale_in_place"]
     ctx.target_grad = target.is_floating_point() and target.requires_grad
     if ctx.target_grad:
         ctx.save_for_backward(grad, logits, target, weight, lse)
@@ -310,10 +305,11 @@ class _InplaceCrossEntropy(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.kernel = kernel
         ctx.grad_consumed = False
-        ctx.scale_in_place = _SCALE_IN_PLACE
+        ctx.scale_in_place = _OPTIONS["scale_in_place"]
         # saved after the operator bumped the version counter: if anything else writes to
-        # the logits before the backward, autograd's version check raises
-        ctx.save_for_backward(logits)
+        # the logits before the backward, autograd's version check raises. Detached (sharing
+        # the version counter), so the gradient handed on is a plain tensor, not part of the graph.
+        ctx.save_for_backward(logits.detach())
         return loss, z_part, lse
 
     @staticmethod
@@ -543,7 +539,7 @@ def cross_entropy(
         rows = rows.contiguous()
     target_rows = target_rows.contiguous() if prob_target else target_rows.to(torch.int64).contiguous()
     opts = (int(ignore_index), reduction, float(label_smoothing), float(z_loss),
-            None if softcap is None else float(softcap), _KERNEL)
+            None if softcap is None else float(softcap), _OPTIONS["kernel"])
     with_grad = torch.is_grad_enabled() and logits.requires_grad
     if inplace_backward and with_grad:
         if logits.dim() > 2 or not logits.is_contiguous():
@@ -558,7 +554,8 @@ def cross_entropy(
         loss, z_part, lse = _InplaceCrossEntropy.apply(rows, target_rows, weight, *opts)
     else:
         loss, z_part, lse, _ = _cross_entropy_op(rows, target_rows, weight, *opts[:5], with_grad, opts[5])
-    if not torch.compiler.is_compiling():
+    if _OPTIONS["check_values"] and not torch.compiler.is_compiling() and not (
+            logits.is_cuda and torch.cuda.is_current_stream_capturing()):
         _check_values(rows, target_rows, weight, lse, int(ignore_index), prob_target)
     out_dtype = logits.dtype
     if logits.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(logits.device.type):
