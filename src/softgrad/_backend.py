@@ -8,9 +8,15 @@ the kernel contract):
 - ``"numpy"``: :mod:`softgrad._kernels._numpy`, the readable reference;
 - ``"numba"``: :mod:`softgrad._kernels._numba`, fused parallel CPU kernels.
 
-The default is ``"numba"`` when Numba imports and ``"numpy"`` otherwise (with one
-warning). The environment variable ``SOFTGRAD_BACKEND`` or :func:`set_backend`
-overrides it.
+The default is ``"numba"`` when its module loads and ``"numpy"`` otherwise, with one
+``RuntimeWarning`` that says why (Numba not installed, or installed but failing to
+load). The environment variable ``SOFTGRAD_BACKEND`` (read when the backend is first
+needed) or :func:`set_backend` / :func:`use_backend` overrides it.
+
+Threads (numba backend): as many as Numba's own setting for the calling thread --
+``NUMBA_NUM_THREADS`` (which joblib's process workers set to their share of the
+cores), :func:`numba.set_num_threads`, or ``threadpoolctl.threadpool_limits``, for
+which :mod:`softgrad._kernels._numba` registers a controller.
 """
 
 from __future__ import annotations
@@ -30,11 +36,12 @@ _ENV_VAR = "SOFTGRAD_BACKEND"
 
 _active: str | None = None
 _loaded: dict[str, ModuleType] = {}
+_failed: dict[str, Exception] = {}
 _warned_fallback = False
 
 
 def available_backends() -> list[str]:
-    """Return the names of the backends that import on this machine.
+    """Return the names of the backends that load on this machine.
 
     >>> "numpy" in available_backends()
     True
@@ -43,16 +50,31 @@ def available_backends() -> list[str]:
     for name in _MODULES:
         try:
             _load(name)
-        except ImportError:
+        except Exception:  # noqa: BLE001 - a backend that fails to load is not available
             continue
         names.append(name)
     return names
 
 
 def _load(name: str) -> ModuleType:
+    """Import the kernel module of backend ``name`` once; a failure is remembered and re-raised."""
+    if name in _failed:
+        raise _failed[name]
     if name not in _loaded:
-        _loaded[name] = importlib.import_module(_MODULES[name])
+        try:
+            _loaded[name] = importlib.import_module(_MODULES[name])
+        except Exception as exc:  # noqa: BLE001 - recorded, re-raised, explained by the caller
+            _failed[name] = exc
+            raise
     return _loaded[name]
+
+
+def _fallback_reason(exc: BaseException) -> str:
+    """Why the numba backend is unavailable, in words that match what happened."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name in ("numba", "llvmlite"):
+        return f"{exc.name} is not installed (install softgrad[fast] for the fused CPU kernels)"
+    return (f"the numba backend failed to load ({type(exc).__name__}: {exc}); "
+            f"set {_ENV_VAR}=numpy to choose the NumPy kernels without this warning")
 
 
 def _default_backend() -> str:
@@ -63,16 +85,20 @@ def _default_backend() -> str:
             raise ValueError(
                 f"{_ENV_VAR}={requested!r} is not a backend; expected one of {sorted(_MODULES)}"
             )
+        try:
+            _load(requested)
+        except Exception as exc:
+            raise ImportError(f"{_ENV_VAR}={requested!r}: the backend failed to load "
+                              f"({type(exc).__name__}: {exc})") from exc
         return requested
     try:
         _load("numba")
-    except ImportError:
+    except Exception as exc:  # noqa: BLE001 - any failure falls back to the reference, with a warning
         if not _warned_fallback:
             warnings.warn(
-                "softgrad: Numba is not installed; using the (slower) NumPy reference kernels. "
-                "Install softgrad[fast] for the fused CPU kernels.",
+                f"softgrad: {_fallback_reason(exc)}; using the NumPy reference kernels (slower).",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=5,  # the caller of the public function
             )
             _warned_fallback = True
         return "numpy"
@@ -84,13 +110,19 @@ def set_backend(name: str) -> None:
 
     Raises:
         ValueError: ``name`` is not a known backend.
-        ImportError: the backend's dependencies are not installed.
+        ImportError: the backend's dependencies are not installed, or its module
+            failed to load.
     """
     global _active
     if not isinstance(name, str) or name.lower() not in _MODULES:
         raise ValueError(f"backend must be one of {sorted(_MODULES)}, got {name!r}")
     name = name.lower()
-    _load(name)
+    try:
+        _load(name)
+    except ImportError:
+        raise
+    except Exception as exc:
+        raise ImportError(f"backend {name!r} failed to load ({type(exc).__name__}: {exc})") from exc
     _active = name
 
 
