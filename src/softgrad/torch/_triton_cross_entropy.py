@@ -370,15 +370,16 @@ def _ce_grad_kernel(X, stride_x, G, stride_g, T, stride_t, W, P, LSE, COEF, n_co
 
 @triton.jit(do_not_specialize=["stride_g", "stride_s", "n_cols"])
 def _scale_rows_kernel(G, stride_g, S, stride_s, n_cols, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """``G[row, block] *= S[row * stride_s]``; a factor of exactly 1 skips the block's read and write."""
+    """``G[row] *= S[row * stride_s]``, one program per row; a factor of exactly 1 skips the row's read and write."""
     row = tl.program_id(0).to(tl.int64)
     factor = tl.load(S + row * stride_s).to(ACC)
     if factor != 1.0:
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        ptrs = G + row * stride_g + cols
-        g = tl.load(ptrs, mask=mask).to(ACC)
-        tl.store(ptrs, (g * factor).to(G.dtype.element_ty), mask=mask)
+        g_row = G + row * stride_g
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            g = tl.load(g_row + cols, mask=mask).to(ACC)
+            tl.store(g_row + cols, (g * factor).to(G.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- host launchers
@@ -499,7 +500,6 @@ def scale_rows_(grad: Tensor, scale: Tensor) -> None:
     n_rows, n_cols = grad.shape
     cdt = torch.float64 if grad.dtype == torch.float64 else torch.float32
     s = scale.to(cdt).contiguous()
-    block = min(4096, triton.next_power_of_2(n_cols))
-    grid = (n_rows, triton.cdiv(n_cols, block))
-    _scale_rows_kernel[grid](grad, grad.stride(0), s, 0 if s.dim() == 0 else 1, n_cols,
-                             BLOCK=block, ACC=_acc(cdt), num_warps=4)
+    block = max(16, min(8192, triton.next_power_of_2(n_cols)))
+    _scale_rows_kernel[(n_rows,)](grad, grad.stride(0), s, 0 if s.dim() == 0 else 1, n_cols,
+                                  BLOCK=block, ACC=_acc(cdt), num_warps=min(8, max(1, block // 1024)))
