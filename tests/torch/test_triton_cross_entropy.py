@@ -187,6 +187,24 @@ def test_torch_compile_traces_the_triton_path(rng):
         torch.testing.assert_close(a, e, **F64)
 
 
+def test_kernel_choice_and_config_validation():
+    assert tri._resolve(None, 32000, 2) == ("one_pass", 32768, 32)
+    assert tri._resolve(None, 32000, 2, heavy=True)[0] == "two_pass"  # too many live registers for one pass
+    assert tri._resolve(None, 16000, 2, heavy=True) == ("one_pass", 16384, 32)
+    assert tri._resolve(None, 128256, 2) == ("two_pass", 8192, 16)
+    assert tri._resolve(None, 128256, 4) == ("two_pass", 4096, 8)
+    assert tri._resolve(tri.KernelConfig("two_pass_forward", 1024, 2), 10**6, 2) == ("two_pass_forward", 1024, 2)
+    with pytest.raises(ValueError, match="C <= 32768"):
+        tri._resolve(tri.KernelConfig("one_pass"), 40000, 2)
+    for bad, match in ((dict(variant="fast"), "variant"), (dict(block_size=100), "block_size"),
+                       (dict(num_warps=3), "num_warps")):
+        with pytest.raises(ValueError, match=match):
+            tri.KernelConfig(**bad)
+    with pytest.raises(ValueError, match="kernel"):
+        with ce_mod._options(kernel="cuda"):
+            pass
+
+
 _COMPILE_FOR_H100 = textwrap.dedent("""
     import json, triton, triton.language as tl
     from triton.backends.compiler import GPUTarget

@@ -23,7 +23,8 @@ is exchanged between programs and any ``C`` works. Variants (``KernelConfig.vari
 * ``"two_pass_forward"``: the same with the second pass in forward order (to measure what
   the reverse order buys).
 
-``"auto"`` picks ``one_pass`` up to ``ONE_PASS_MAX_COLS`` columns and ``two_pass`` above.
+``"auto"`` picks ``one_pass`` up to ``ONE_PASS_MAX_COLS`` columns (half that with probability
+targets, smoothing or a softcap, which need more registers) and ``two_pass`` above.
 The block sizes and warp counts below are first choices, not tuned on a GPU yet;
 ``benchmarks/bench_gpu_cross_entropy.py`` times every variant side by side.
 
@@ -69,19 +70,25 @@ class KernelConfig:
             raise ValueError(f"num_warps must be a power of two in [1, 32], got {self.num_warps}")
 
 
-def _resolve(config: KernelConfig | None, n_cols: int, element_size: int) -> tuple[str, int, int]:
-    """``(variant, block, num_warps)`` for a row of ``n_cols`` elements of ``element_size`` bytes."""
+def _resolve(config: KernelConfig | None, n_cols: int, element_size: int, heavy: bool = False) -> tuple[str, int, int]:
+    """``(variant, block, num_warps)`` for a row of ``n_cols`` elements of ``element_size`` bytes.
+
+    ``heavy``: the row needs more live registers per element (probability targets, label
+    smoothing or a softcap). ptxas reports no spills for the one-pass kernel up to 32768
+    columns (32 warps) without those options and up to 16384 (32 warps) with them; ``auto``
+    stays within these limits.
+    """
     config = config or KernelConfig()
     variant = config.variant
     whole = triton.next_power_of_2(n_cols)
     if variant == "auto":
-        variant = "one_pass" if whole <= ONE_PASS_MAX_COLS else "two_pass"
+        variant = "one_pass" if whole <= (ONE_PASS_MAX_COLS // 2 if heavy else ONE_PASS_MAX_COLS) else "two_pass"
     if variant == "one_pass":
         if whole > ONE_PASS_MAX_COLS:
             raise ValueError(f"the one_pass variant holds a row in registers and needs C <= {ONE_PASS_MAX_COLS}, "
                              f"got C={n_cols}")
         block = max(whole, 16)
-        warps = config.num_warps or min(32, max(4, block // 1024))
+        warps = config.num_warps or min(32, max(4, block // (512 if heavy else 1024)))
         return variant, block, warps
     # 16 KiB of logits per block: 8192 bf16/fp16 or 4096 fp32 elements (2048 fp64).
     block = config.block_size or min(max(16384 // element_size, 16), max(whole, 16))
@@ -438,7 +445,8 @@ def forward(logits: Tensor, target: Tensor, weight: Tensor | None, scales: Tenso
     params = _params(scales, eps, z_loss, softcap, cdt, logits.device)
     ce = torch.empty(n_rows, dtype=cdt, device=logits.device)
     lse = torch.empty(n_rows, dtype=cdt, device=logits.device)
-    variant, block, warps = _resolve(config, n_cols, logits.element_size())
+    heavy = prob_target or eps > 0.0 or softcap is not None
+    variant, block, warps = _resolve(config, n_cols, logits.element_size(), heavy)
     g = grad_out if grad_out is not None else logits
     w = weight if weight is not None else params
     stride_t = target.stride(0) if prob_target else 0
