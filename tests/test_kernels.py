@@ -1,6 +1,9 @@
-"""The NumPy reference kernels against naive per-row loops in float64.
+"""Every backend's kernels against naive per-row loops in float64.
 
-These call the kernels directly, with inputs that satisfy the kernel contract.
+These call the kernels directly, with inputs that satisfy the kernel contract; the
+``K`` fixture runs each test once per backend that loads (``numpy``, ``numba``).
+Comparisons of the fast backends against the NumPy reference on larger and extreme
+inputs are in ``test_kernels_numba.py``.
 """
 
 from __future__ import annotations
@@ -10,12 +13,19 @@ import math
 import numpy as np
 import pytest
 
-from softgrad._kernels import _numpy as K
+import softgrad
+from softgrad._backend import _load
 from conftest import tolerance
 
 # shapes: single element, a few rows, and one spanning several row blocks
 SHAPES = [(1, 1), (5, 7), (3, 40000)]
 DTYPES = [np.float64, np.float32]
+
+
+@pytest.fixture(params=softgrad.available_backends())
+def K(request):
+    """The kernel module of each backend that loads here."""
+    return _load(request.param)
 
 
 def _naive_lse(row):
@@ -49,7 +59,7 @@ def _numerical_rowwise(f, z, h=1e-6):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_softmax_family(rng, shape, dtype):
+def test_softmax_family(K, rng, shape, dtype):
     z = (rng.normal(size=shape) * 5).astype(dtype)
     if shape[1] > 1:
         z[0, 0] = -np.inf
@@ -65,7 +75,7 @@ def test_softmax_family(rng, shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_softmax_backward_matches_jacobian(rng, dtype):
+def test_softmax_backward_matches_jacobian(K, rng, dtype):
     z = rng.normal(size=(4, 6))
     a = np.exp(z - np.array([_naive_lse(r) for r in z])[:, None])
     g = rng.normal(size=(4, 6))
@@ -77,7 +87,7 @@ def test_softmax_backward_matches_jacobian(rng, dtype):
 
 @pytest.mark.parametrize("eps", [0.0, 0.2])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_cross_entropy_index_loss_and_gradient(rng, eps, weighted):
+def test_cross_entropy_index_loss_and_gradient(K, rng, eps, weighted):
     N, C = 6, 5
     z = rng.normal(size=(N, C))
     y = rng.integers(0, C, size=N)
@@ -94,7 +104,7 @@ def test_cross_entropy_index_loss_and_gradient(rng, eps, weighted):
 
 @pytest.mark.parametrize("eps", [0.0, 0.3])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_cross_entropy_probs_loss_and_gradient(rng, eps, weighted):
+def test_cross_entropy_probs_loss_and_gradient(K, rng, eps, weighted):
     N, C = 5, 4
     z = rng.normal(size=(N, C))
     t = rng.dirichlet(np.ones(C), size=N)
@@ -112,7 +122,7 @@ def test_cross_entropy_probs_loss_and_gradient(rng, eps, weighted):
     np.testing.assert_allclose(grad, _numerical_rowwise(lambda zz: scale * naive(zz), z), rtol=1e-6, atol=1e-8)
 
 
-def test_gradient_in_place_and_loss_only(rng):
+def test_gradient_in_place_and_loss_only(K, rng):
     N, C = 4, 3
     z = rng.normal(size=(N, C))
     y = np.array([0, 2, 1, 1])
@@ -129,7 +139,7 @@ def test_gradient_in_place_and_loss_only(rng):
     np.testing.assert_array_equal(loss2, loss_ref)
 
 
-def test_extreme_logits_stay_finite():
+def test_extreme_logits_stay_finite(K):
     z = np.array([[1e4, -1e4, -np.inf, 0.0], [-1e4, -1e4, -1e4, -np.inf]])
     out = np.empty_like(z)
     K.softmax(z, out)
