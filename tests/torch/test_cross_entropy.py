@@ -465,6 +465,19 @@ def test_large_batch_crosses_row_chunks(rng, monkeypatch):
         torch.testing.assert_close(grad, ref_grad, **F64)
 
 
+def test_row_scale_multiplies_each_rows_gradient(rng):
+    z = torch.from_numpy(rng.normal(size=(6, 9)))
+    y = _make_target(rng, "index", (6, 9), n_ignored=2)
+    r = torch.from_numpy(rng.normal(size=6))
+    scales = torch.tensor([0.25, 0.5], dtype=torch.float64)
+    opts = dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-2, softcap=3.0, prob_target=False)
+    g1, g2 = torch.empty_like(z), torch.empty_like(z)
+    ce1, lse1 = torch_kernels.forward(z, y, None, scales, grad_out=g1, **opts)
+    ce2, lse2 = torch_kernels.forward(z, y, None, scales, grad_out=g2, row_scale=r, **opts)
+    torch.testing.assert_close(ce2, ce1, rtol=0, atol=0)
+    torch.testing.assert_close(g2, g1 * r[:, None], **F64)
+
+
 # ----------------------------------------------------------------------------- building blocks for vocab-parallel
 def _combine_shards(stats):
     """The all-reduce of RowStats over shards (as softgrad.distributed would do it)."""

@@ -67,10 +67,11 @@ def _inputs(rng, dtype, prob_target, weighted, n=N, c=C):
             torch.tensor([0.3, 0.7], dtype=cdt, device=DEVICE))
 
 
-def _run_forward(module, z, t, w, scales, prob, eps, cap, zl, *, config=None, with_grad=True, inplace=False):
+def _run_forward(module, z, t, w, scales, prob, eps, cap, zl, *, config=None, with_grad=True, inplace=False,
+                 row_scale=None):
     grad = (z if inplace else torch.empty_like(z)) if with_grad else None
     ce, lse = module.forward(z, t, w, scales, ignore_index=-100, label_smoothing=eps, z_loss=zl, softcap=cap,
-                             prob_target=prob, grad_out=grad, config=config)
+                             prob_target=prob, grad_out=grad, row_scale=row_scale, config=config)
     return ce, lse, grad
 
 
@@ -79,8 +80,10 @@ def _run_forward(module, z, t, w, scales, prob, eps, cap, zl, *, config=None, wi
 def test_fused_forward_matches_pytorch_ops_float64(rng, config, options):
     prob, weighted, eps, cap, zl = options
     z, t, w, scales = _inputs(rng, torch.float64, prob, weighted)
-    got = _run_forward(tri, z, t, w, scales, prob, eps, cap, zl, config=config)
-    want = _run_forward(ref_kernels, z, t, w, scales, prob, eps, cap, zl)
+    # a per-row factor on the gradient (linear_cross_entropy's reduction="none" backward) with z-loss
+    rs = torch.from_numpy(rng.normal(size=N)).to(DEVICE) if zl else None
+    got = _run_forward(tri, z, t, w, scales, prob, eps, cap, zl, config=config, row_scale=rs)
+    want = _run_forward(ref_kernels, z, t, w, scales, prob, eps, cap, zl, row_scale=rs)
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e, equal_nan=True, **F64)
     if not prob:
@@ -210,10 +213,11 @@ _COMPILE_FOR_H100 = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from softgrad.torch import _triton_cross_entropy as K
     row = {"X": "*bf16", "stride_x": "i32", "G": "*bf16", "stride_g": "i32", "T": "*i64", "stride_t": "i32",
-           "W": "*fp32", "P": "*fp32", "LOSS": "*fp32", "LSE": "*fp32", "n_cols": "i32", "ignore_index": "i32"}
-    plain = dict(HAS_WEIGHT=False, PROB_TARGET=False, SMOOTH=False, HAS_SOFTCAP=False, HAS_ZLOSS=False,
+           "W": "*fp32", "P": "*fp32", "RS": "*fp32", "LOSS": "*fp32", "LSE": "*fp32", "n_cols": "i32",
+           "ignore_index": "i32"}
+    plain = dict(HAS_ROW_SCALE=False, HAS_WEIGHT=False, PROB_TARGET=False, SMOOTH=False, HAS_SOFTCAP=False, HAS_ZLOSS=False,
                  WITH_GRAD=True, NEED_DOT=False, ACC=tl.float32)
-    every = dict(plain, HAS_WEIGHT=True, SMOOTH=True, HAS_SOFTCAP=True, HAS_ZLOSS=True, NEED_DOT=True)
+    every = dict(plain, HAS_ROW_SCALE=True, HAS_WEIGHT=True, SMOOTH=True, HAS_SOFTCAP=True, HAS_ZLOSS=True, NEED_DOT=True)
     probs = dict(every, PROB_TARGET=True)
     f64 = {k: v.replace("bf16", "fp64").replace("fp32", "fp64") for k, v in row.items()}
     probs_sig = dict(row, T="*bf16")

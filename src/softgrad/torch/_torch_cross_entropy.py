@@ -179,7 +179,7 @@ def grad_pass(logits: Tensor, target: Tensor, weight: Tensor | None, lse: Tensor
 
 def forward(logits: Tensor, target: Tensor, weight: Tensor | None, scales: Tensor, *, ignore_index: int,
             label_smoothing: float, z_loss: float, softcap: float | None, prob_target: bool,
-            grad_out: Tensor | None, config=None) -> tuple[Tensor, Tensor]:
+            grad_out: Tensor | None, row_scale: Tensor | None = None, config=None) -> tuple[Tensor, Tensor]:
     """Fused forward: per-row cross-entropy and lse, and (if ``grad_out``) the gradient.
 
     Args:
@@ -195,6 +195,8 @@ def forward(logits: Tensor, target: Tensor, weight: Tensor | None, scales: Tenso
         prob_target: whether ``target`` holds probabilities.
         grad_out: None (no gradient), a fresh ``(N, C)`` buffer of the logits' dtype, or
             ``logits`` itself (the gradient overwrites the logits, chunk by chunk).
+        row_scale: optional ``(N,)`` factor multiplying ``kappa`` and ``zeta`` row by row (the
+            per-row upstream gradient when the caller knows it in the forward).
         config: ignored (the Triton path's kernel configuration).
 
     Returns:
@@ -212,6 +214,8 @@ def forward(logits: Tensor, target: Tensor, weight: Tensor | None, scales: Tenso
     zero = torch.zeros((), dtype=cdt, device=logits.device)
     nan = torch.full((), float("nan"), dtype=cdt, device=logits.device)
     for rows in _chunks(n_rows, n_cols):
+        if row_scale is not None:
+            kappa, zeta = (x * row_scale[rows].to(cdt) for x in scales.to(cdt).unbind())
         s, th = _scores(logits[rows].to(cdt), softcap)
         m = s.amax(dim=1)
         # the shift keeps every exp argument <= 0; an all -inf row keeps m = -inf, d = 0 and lse = -inf

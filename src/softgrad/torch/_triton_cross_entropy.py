@@ -254,8 +254,9 @@ def _row_target(T, row, x_row, W, n_cols, ignore_index, cap,
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit(do_not_specialize=["stride_x", "stride_g", "stride_t", "n_cols", "ignore_index"])
-def _ce_two_pass_kernel(X, stride_x, G, stride_g, T, stride_t, W, P, LOSS, LSE, n_cols, ignore_index,
-                        HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, SMOOTH: tl.constexpr,
+def _ce_two_pass_kernel(X, stride_x, G, stride_g, T, stride_t, W, P, RS, LOSS, LSE, n_cols, ignore_index,
+                        HAS_ROW_SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr,
+                        SMOOTH: tl.constexpr,
                         HAS_SOFTCAP: tl.constexpr, HAS_ZLOSS: tl.constexpr, WITH_GRAD: tl.constexpr,
                         NEED_DOT: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
                         NEG_BIG: tl.constexpr):
@@ -265,6 +266,10 @@ def _ce_two_pass_kernel(X, stride_x, G, stride_g, T, stride_t, W, P, LOSS, LSE, 
     t_row = T + row * stride_t
     kappa = tl.load(P + 0)
     zeta = tl.load(P + 1)
+    if HAS_ROW_SCALE:  # a per-row factor on the gradient (e.g. reduction="none"'s upstream gradient)
+        r = tl.load(RS + row).to(ACC)
+        kappa = kappa * r
+        zeta = zeta * r
     eps = tl.load(P + 2)
     zl = tl.load(P + 3)
     cap = tl.load(P + 4)
@@ -283,8 +288,9 @@ def _ce_two_pass_kernel(X, stride_x, G, stride_g, T, stride_t, W, P, LOSS, LSE, 
 
 
 @triton.jit(do_not_specialize=["stride_x", "stride_g", "stride_t", "n_cols", "ignore_index"])
-def _ce_one_pass_kernel(X, stride_x, G, stride_g, T, stride_t, W, P, LOSS, LSE, n_cols, ignore_index,
-                        HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, SMOOTH: tl.constexpr,
+def _ce_one_pass_kernel(X, stride_x, G, stride_g, T, stride_t, W, P, RS, LOSS, LSE, n_cols, ignore_index,
+                        HAS_ROW_SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr,
+                        SMOOTH: tl.constexpr,
                         HAS_SOFTCAP: tl.constexpr, HAS_ZLOSS: tl.constexpr, WITH_GRAD: tl.constexpr,
                         NEED_DOT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     """One row per program, the whole row in one block (BLOCK >= n_cols): the logits are read once."""
@@ -293,6 +299,10 @@ def _ce_one_pass_kernel(X, stride_x, G, stride_g, T, stride_t, W, P, LOSS, LSE, 
     t_row = T + row * stride_t
     kappa = tl.load(P + 0)
     zeta = tl.load(P + 1)
+    if HAS_ROW_SCALE:  # a per-row factor on the gradient (e.g. reduction="none"'s upstream gradient)
+        r = tl.load(RS + row).to(ACC)
+        kappa = kappa * r
+        zeta = zeta * r
     eps = tl.load(P + 2)
     zl = tl.load(P + 3)
     cap = tl.load(P + 4)
@@ -432,7 +442,8 @@ def _params(scales: Tensor | None, label_smoothing: float, z_loss: float, softca
 
 def forward(logits: Tensor, target: Tensor, weight: Tensor | None, scales: Tensor, *, ignore_index: int,
             label_smoothing: float, z_loss: float, softcap: float | None, prob_target: bool,
-            grad_out: Tensor | None, config: KernelConfig | None = None) -> tuple[Tensor, Tensor]:
+            grad_out: Tensor | None, row_scale: Tensor | None = None,
+            config: KernelConfig | None = None) -> tuple[Tensor, Tensor]:
     """Fused forward in one launch; arguments and results as ``_torch_cross_entropy.forward``.
 
     ``grad_out`` may be ``logits`` itself: every block is read before the same block is
@@ -450,10 +461,13 @@ def forward(logits: Tensor, target: Tensor, weight: Tensor | None, scales: Tenso
     g = grad_out if grad_out is not None else logits
     w = weight if weight is not None else params
     stride_t = target.stride(0) if prob_target else 0
-    common = dict(HAS_WEIGHT=weight is not None, PROB_TARGET=prob_target, SMOOTH=eps > 0.0,
-                  HAS_SOFTCAP=softcap is not None, HAS_ZLOSS=float(z_loss) != 0.0, WITH_GRAD=grad_out is not None,
-                  NEED_DOT=prob_target or eps > 0.0, BLOCK=block, ACC=_acc(cdt), num_warps=warps)
-    args = (logits, logits.stride(0), g, g.stride(0), target, stride_t, w, params, ce, lse, n_cols, int(ignore_index))
+    rs = row_scale.to(cdt).contiguous() if row_scale is not None else params
+    common = dict(HAS_ROW_SCALE=row_scale is not None, HAS_WEIGHT=weight is not None, PROB_TARGET=prob_target,
+                  SMOOTH=eps > 0.0, HAS_SOFTCAP=softcap is not None, HAS_ZLOSS=float(z_loss) != 0.0,
+                  WITH_GRAD=grad_out is not None, NEED_DOT=prob_target or eps > 0.0, BLOCK=block, ACC=_acc(cdt),
+                  num_warps=warps)
+    args = (logits, logits.stride(0), g, g.stride(0), target, stride_t, w, params, rs, ce, lse, n_cols,
+            int(ignore_index))
     if variant == "one_pass":
         _ce_one_pass_kernel[(n_rows,)](*args, **common)
     else:
