@@ -349,6 +349,9 @@ def test_custom_ops_pass_opcheck(rng):
     torch.library.opcheck(ops.cross_entropy.default, (z, p, None, -100, "none", 0.0, 0.0, None, True, "torch"))
     torch.library.opcheck(ops.cross_entropy_inplace_.default,
                           (z.detach().clone(), y, None, -100, "sum", 0.0, 1e-3, None, "torch"))
+    torch.library.opcheck(ops.cross_entropy_rows_.default,
+                          (z.detach().clone(), y, torch.ones(5, dtype=torch.float64), -100, 0.1, 1e-3, 2.0, True,
+                           "torch"))
 
 
 def test_autocast_returns_float32_loss_like_torch(rng):

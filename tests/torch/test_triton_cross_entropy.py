@@ -324,3 +324,64 @@ def test_gpu_int64_offsets_past_two_to_the_31():
     tail = F.cross_entropy(z[-2:].float(), y[-2:], reduction="none")
     torch.testing.assert_close(loss[-2:].float(), tail, rtol=1e-2, atol=1e-2)
     assert torch.isfinite(loss).all()
+
+
+# ----------------------------------------------------------------------------- linear_cross_entropy on the fused kernel
+def _linear_reference(h, w, b, t, *, reduction, label_smoothing=0.0, z_loss=0.0, softcap=None):
+    z = F.linear(h, w, b)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    valid = t != -100
+    loss = F.cross_entropy(z, t, reduction="none", label_smoothing=label_smoothing)
+    loss = loss + z_loss * torch.logsumexp(z, dim=1) ** 2 * valid
+    return {"mean": loss.sum() / valid.sum(), "sum": loss.sum(), "none": loss}[reduction]
+
+
+@pytest.mark.parametrize(("reduction", "options"), [
+    ("mean", {}),
+    ("none", {"label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 3.0}),  # backward recomputes with row scales
+    ("sum", {"z_loss": 1e-3}),
+])
+def test_linear_cross_entropy_chunks_on_the_fused_kernel(rng, monkeypatch, reduction, options):
+    from softgrad.torch import _linear_cross_entropy as lce
+
+    monkeypatch.setattr(lce, "_CHUNK_KERNEL", "triton:two_pass:16")
+    h = torch.from_numpy(rng.normal(size=(10, 6))).to(DEVICE).requires_grad_()
+    w = torch.from_numpy(rng.normal(size=(37, 6)) * 0.5).to(DEVICE).requires_grad_()
+    b = torch.from_numpy(rng.normal(size=37)).to(DEVICE).requires_grad_()
+    t = torch.from_numpy(rng.integers(0, 37, size=10)).to(DEVICE)
+    t[[2, 7]] = -100
+    ours = lce.linear_cross_entropy(h, w, t, b, reduction=reduction, chunk_size=4, **options)
+    ref = _linear_reference(h, w, b, t, reduction=reduction, **options)
+    torch.testing.assert_close(ours, ref, **F64)
+    up = torch.from_numpy(rng.normal(size=tuple(ref.shape))).to(DEVICE)
+    for a, e in zip(torch.autograd.grad(ours, (h, w, b), up), torch.autograd.grad(ref, (h, w, b), up)):
+        torch.testing.assert_close(a, e, **F64)
+
+
+def test_linear_cross_entropy_fused_bfloat16_and_compiled(rng, monkeypatch):
+    from softgrad.torch import _linear_cross_entropy as lce
+
+    monkeypatch.setattr(lce, "_CHUNK_KERNEL", "triton:two_pass:16")
+    h64 = torch.from_numpy(rng.normal(size=(12, 8))).to(DEVICE)
+    w64 = torch.from_numpy(rng.normal(size=(40, 8)) * 0.3).to(DEVICE)
+    t = torch.from_numpy(rng.integers(0, 40, size=12)).to(DEVICE)
+    hb, wb = h64.bfloat16().requires_grad_(), w64.bfloat16().requires_grad_()
+    ours = lce.linear_cross_entropy(hb, wb, t, chunk_size=5, label_smoothing=0.1)
+    ours.backward()
+    hr, wr = hb.detach().double().requires_grad_(), wb.detach().double().requires_grad_()
+    ref = _linear_reference(hr, wr, None, t, reduction="mean", label_smoothing=0.1)
+    ref.backward()
+    assert hb.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.double(), ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(hb.grad.double(), hr.grad, rtol=5e-2, atol=2e-3)
+    torch.testing.assert_close(wb.grad.double(), wr.grad, rtol=5e-2, atol=2e-3)
+    # torch.compile sees the chunks' fused kernel as the opaque softgrad::cross_entropy_rows_ operator
+    h, w = h64.clone().requires_grad_(), w64.clone().requires_grad_()
+    step = torch.compile(lambda h, w, t: lce.linear_cross_entropy(h, w, t, chunk_size=5, z_loss=1e-3),
+                         fullgraph=True, backend="aot_eager")
+    loss = step(h, w, t)
+    ref = _linear_reference(h, w, None, t, reduction="mean", z_loss=1e-3)
+    torch.testing.assert_close(loss, ref, **F64)
+    for a, e in zip(torch.autograd.grad(loss, (h, w)), torch.autograd.grad(ref, (h, w))):
+        torch.testing.assert_close(a, e, **F64)

@@ -321,6 +321,33 @@ class _InplaceCrossEntropy(torch.autograd.Function):
         return (_scale_stored_grad(ctx, grad, grad_loss, ctx.kernel),) + (None,) * 8
 
 
+# ----------------------------------------------------------------------------- rows operator (chunked callers)
+@torch.library.custom_op("softgrad::cross_entropy_rows_", mutates_args=("logits",))
+def _cross_entropy_rows_op(logits: Tensor, target: Tensor, row_scale: Optional[Tensor], ignore_index: int,
+                           label_smoothing: float, z_loss: float, softcap: Optional[float], with_grad: bool,
+                           kernel: str) -> tuple[Tensor, Tensor]:
+    """Per-row ``(ce, lse)`` for class-index targets without class weights, in the compute dtype.
+
+    For callers that reduce themselves (``linear_cross_entropy``'s chunks). ``ce`` excludes the
+    z-loss; ``ignore_index`` rows get 0. With ``with_grad`` the gradient of
+    ``sum_i row_scale_i (ce_i + z_loss lse_i^2)`` (over rows that are not ignored; ``row_scale``
+    ``(N,)``, ones when None) overwrites ``logits`` in their own dtype; without it nothing is written.
+    """
+    cdt = _compute_dtype(logits.dtype)
+    module, config = _backend(kernel, logits.device)
+    with torch.autocast(logits.device.type, enabled=False):
+        return module.forward(logits, target, None, torch.ones(2, dtype=cdt, device=logits.device),
+                              ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+                              softcap=softcap, prob_target=False, grad_out=logits if with_grad else None,
+                              row_scale=row_scale, config=config)
+
+
+@_cross_entropy_rows_op.register_fake
+def _(logits, target, row_scale, ignore_index, label_smoothing, z_loss, softcap, with_grad, kernel):
+    cdt = _compute_dtype(logits.dtype)
+    return logits.new_empty((logits.shape[0],), dtype=cdt), logits.new_empty((logits.shape[0],), dtype=cdt)
+
+
 # ----------------------------------------------------------------------------- validation
 def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -25,12 +25,21 @@ gradient is not known in the forward, so the forward computes only the per-row l
 and the backward walks the chunks again (recomputing the logits once) with
 ``scale_i = grad_output_i``. Either way, peak extra memory is
 ``grad_W (V*D) + grad_h (N*D) + O(n*V)`` and independent of ``N * V``.
+
+On CUDA (when Triton imports) the chunk's loss and gradient come from the fused
+cross-entropy kernel of :mod:`softgrad.torch._triton_cross_entropy` (through the custom
+operator ``softgrad::cross_entropy_rows_``): one launch per chunk that reads the GEMM output
+in its own dtype, computes in float32 (float64 for float64), and writes ``G`` over it, so no
+float32 copy of the chunk is made. Elsewhere the same formulas run as PyTorch ops
+(:func:`_chunk_loss_and_grad`).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from softgrad.torch import _cross_entropy
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss", "choose_chunk_size"]
 
@@ -46,6 +55,10 @@ _CPU_CHUNK_BYTES = 64 * 2**20
 # fraction of the weight gradient (1 GB in bf16). Rows are rounded down to a multiple of 64.
 _GPU_CHUNK_BYTES = 512 * 2**20
 _GPU_FREE_FRACTION = 0.25
+# The chunk's cross-entropy: "auto" uses the fused row kernel (Triton) on CUDA when triton
+# imports and PyTorch ops otherwise; "torch" always PyTorch ops; a softgrad.torch kernel spec
+# such as "triton:two_pass:16" forces the fused kernel (tests run it in Triton's interpreter).
+_CHUNK_KERNEL = "auto"
 
 
 def choose_chunk_size(n_rows: int, vocab: int, device: torch.device, *, softcap: bool = False) -> int:
@@ -134,6 +147,29 @@ def _chunk_loss_and_grad(z, target, valid, scale, *, label_smoothing, z_loss, so
     return loss, g
 
 
+def _fused_kernel_spec(device: torch.device) -> str | None:
+    """The softgrad.torch kernel spec for the chunks' cross-entropy, or None for PyTorch ops."""
+    if _CHUNK_KERNEL == "torch":
+        return None
+    if _CHUNK_KERNEL == "auto":
+        return "auto" if device.type == "cuda" and _cross_entropy._triton_module() is not None else None
+    return _CHUNK_KERNEL
+
+
+def _fused_chunk_loss_and_grad(z, target, scale, *, ignore_index, label_smoothing, z_loss, softcap, want_grad,
+                               kernel):
+    """:func:`_chunk_loss_and_grad` in one fused kernel launch, on ``z`` in the GEMM's own dtype.
+
+    ``target`` (n,) int64 with ``ignore_index`` rows as given. Returns ``(loss (n,) compute dtype,
+    grad or None)``; the gradient (``scale_i * dloss_i/dz_i``) is written over ``z``.
+    """
+    ce, lse = torch.ops.softgrad.cross_entropy_rows_(z, target, scale if want_grad else None, ignore_index,
+                                                     label_smoothing, z_loss, softcap, want_grad, kernel)
+    if z_loss:
+        ce = ce + torch.where(target != ignore_index, z_loss * lse * lse, torch.zeros_like(lse))
+    return ce, (z if want_grad else None)
+
+
 def _chunked_pass(hidden, weight, bias, target, scale, *, ignore_index, label_smoothing, z_loss, softcap,
                   chunk_size, need_grads):
     """Walk the rows of ``hidden (N, D)`` in chunks; see the module docstring.
@@ -156,23 +192,31 @@ def _chunked_pass(hidden, weight, bias, target, scale, *, ignore_index, label_sm
     grad_b = torch.zeros(vocab, dtype=cdt, device=weight.device) if want_grad and need_grads[2] else None
     valid_all = target != ignore_index
     safe_target = torch.where(valid_all, target, torch.zeros_like(target))
+    fused = _fused_kernel_spec(hidden.device)
     for start in range(0, n_rows, chunk_size):
         stop = min(start + chunk_size, n_rows)
         h_c = hidden[start:stop]
         z = torch.mm(h_c, weight.t())  # (n, V); low-precision inputs accumulate in fp32 inside the GEMM
         if bias is not None:
             z.add_(bias)
-        z = z.to(cdt)
-        loss_c, g = _chunk_loss_and_grad(
-            z, safe_target[start:stop], valid_all[start:stop],
-            scale[start:stop] if want_grad else None,
-            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, want_grad=want_grad,
-        )
+        if fused is not None:
+            loss_c, g = _fused_chunk_loss_and_grad(
+                z, target[start:stop], scale[start:stop] if want_grad else None, ignore_index=ignore_index,
+                label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, want_grad=want_grad,
+                kernel=fused,
+            )
+        else:
+            z = z.to(cdt)
+            loss_c, g = _chunk_loss_and_grad(
+                z, safe_target[start:stop], valid_all[start:stop],
+                scale[start:stop] if want_grad else None,
+                label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, want_grad=want_grad,
+            )
         loss_rows[start:stop] = loss_c
         if g is None:
             continue
         if grad_b is not None:
-            grad_b.add_(g.sum(dim=0))
+            grad_b.add_(g.sum(dim=0, dtype=grad_b.dtype))  # float32 sums also when g is bf16
         g_low = g.to(hidden.dtype)
         if grad_h is not None:
             grad_h[start:stop] = torch.mm(g_low, weight)  # (n, V) @ (V, D)
