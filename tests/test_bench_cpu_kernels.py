@@ -1,0 +1,58 @@
+"""The CPU kernel benchmark runs end to end in its --quick mode (numbers meaningless, code paths real)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("numba")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cpu_kernel_benchmark_quick_mode_end_to_end():
+    # correctness gate, timing, floors, ratios, table, JSON and PNG; results go to a temp dir
+    script = ROOT / "benchmarks" / "bench_cpu_kernels.py"
+    out = subprocess.run([sys.executable, str(script), "--quick", "--repeats", "1", "--dtype", "float32"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    written = Path(out.stdout.strip().splitlines()[-1].removeprefix("wrote "))
+    assert written.parent != ROOT / "benchmarks" / "results"
+    payload = json.loads(written.read_text())
+    assert written.with_suffix(".png").exists()
+    timed = {(r["op"], r["impl"]) for r in payload["rows"] if "median_ms" in r}
+    for op in ("softmax", "loss+grad"):
+        assert {(op, name) for name in ("numba", "softgrad[numba]", "numpy_ref", "cs231n", "copy", "exp",
+                                        "exp_arith")} <= timed
+    assert ("loss+grad", "numba_inplace") in timed and ("linear", "numba") in timed
+    peers = {name for _, name in timed}
+    for module, name in (("scipy", "scipy"), ("torch", "torch"), ("sklearn", "sklearn")):
+        if payload["provenance"].get(module):
+            assert name in peers
+    assert not [r for r in payload["rows"] if "failed" in r]
+    numba_rows = [r for r in payload["rows"] if r["impl"] == "numba" and r["op"] != "linear"]
+    assert all(r["x_copy"] > 0 for r in numba_rows)
+    assert {t["op"] for t in payload["targets"]} == {"softmax", "loss+grad"}
+    assert payload["quick"] is True and len(payload["load_average_before"]) == 3
+
+
+def test_softgrad_bench_runs_the_benchmark_script(monkeypatch):
+    from click.testing import CliRunner
+
+    from softgrad.cli import _bench, main
+
+    assert _bench._script() == ROOT / "benchmarks" / "bench_cpu_kernels.py"
+    calls = []
+    monkeypatch.setattr(_bench.subprocess, "call", lambda argv: calls.append(argv) or 0)
+    result = CliRunner().invoke(main, ["bench", "--quick", "--repeats", "3", "--dtype", "float64"])
+    assert result.exit_code == 0, result.output
+    assert calls == [[sys.executable, str(_bench._script()), "--quick", "--repeats", "3", "--dtype", "float64"]]
+    monkeypatch.setattr(_bench.subprocess, "call", lambda argv: 3)
+    assert CliRunner().invoke(main, ["bench"]).exit_code == 3
+    monkeypatch.setattr(_bench, "_script", lambda: ROOT / "no_such_benchmark.py")
+    missing = CliRunner().invoke(main, ["bench"])
+    assert missing.exit_code == 1 and "not found" in missing.output
