@@ -7,11 +7,13 @@ Layers, bottom up:
   (:mod:`softgrad.torch._triton_cross_entropy`, CUDA). Their ``forward`` computes each row's
   loss, its logsumexp and -- in the same pass -- the gradient of the *reduced* loss with
   respect to the logits, so the backward only multiplies by ``grad_output``.
-* two custom operators, so that ``torch.compile`` sees one opaque node per call
+* custom operators, so that ``torch.compile`` sees one opaque node per call
   (``fullgraph=True`` works) and never traces into the kernels:
   ``softgrad::cross_entropy`` (functional, returns a fresh gradient buffer; autograd via
-  ``register_autograd``) and ``softgrad::cross_entropy_inplace_`` (declares that it mutates the
-  logits, which receive the gradient; autograd via :class:`_InplaceCrossEntropy`).
+  ``register_autograd``), ``softgrad::cross_entropy_inplace_`` (declares that it mutates the
+  logits, which receive the gradient; autograd via :class:`_InplaceCrossEntropy`) and
+  ``softgrad::cross_entropy_rows_`` (per-row results, gradient in place, no autograd: for
+  callers that reduce and differentiate themselves, like ``linear_cross_entropy``'s chunks).
 * :func:`cross_entropy` validates, flattens ``(N, C, d1, ...)`` to rows, calls an operator and
   shapes the results; :class:`CrossEntropyLoss` is the ``nn.Module`` form.
 
