@@ -583,6 +583,30 @@ def test_unchecked_bad_rows_give_nan_not_garbage(rng):
     assert torch.isnan(nan_row[0]) and torch.isfinite(nan_row[1:]).all()
 
 
+def test_import_and_cpu_path_work_without_triton():
+    # a subprocess in which `import triton` fails: softgrad.torch must still import and run on CPU
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'triton' or name.startswith('triton.'):\n"
+        "            raise ImportError('triton blocked for this test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch, torch.nn.functional as F\n"
+        "from softgrad.torch import cross_entropy, linear_cross_entropy\n"
+        "z = torch.randn(4, 7, dtype=torch.float64, requires_grad=True); y = torch.tensor([1, 2, -100, 6])\n"
+        "loss = cross_entropy(z, y, z_loss=1e-3); loss.backward()\n"
+        "assert 'triton' not in sys.modules\n"
+        "print('ok', float(loss))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("ok")
+
+
 # ----------------------------------------------------------------------------- the GPU benchmark's smoke mode
 def test_gpu_benchmark_runs_end_to_end_on_cpu_with_tiny_shapes():
     # --tiny exercises every code path of benchmarks/bench_gpu_cross_entropy.py (correctness gate,

@@ -146,12 +146,19 @@ def test_sharded_stats_and_grad_pass_match_pytorch_ops(rng, prob):
     torch.testing.assert_close(outs[0], outs[1], **F64)
 
 
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("the PyTorch-ops kernel ran where the Triton kernel was requested")
+
+
 @pytest.mark.parametrize(("shape", "kind", "reduction", "inplace"), [
     ((4, 37, 2), "index", "mean", False),
     ((6, 37), "index", "none", True),
     ((6, 37), "probs", "sum", False),
 ])
-def test_public_api_on_triton_matches_torch(rng, shape, kind, reduction, inplace):
+def test_public_api_on_triton_matches_torch(rng, monkeypatch, shape, kind, reduction, inplace):
+    # the PyTorch-ops kernels must not run here: this checks Triton's, not a silent fallback
+    for name in ("forward", "scale_rows_"):
+        monkeypatch.setattr(ref_kernels, name, _must_not_run)
     z0 = torch.from_numpy(rng.normal(size=shape) * 2).to(DEVICE).requires_grad_()
     if kind == "probs":
         y = torch.from_numpy(rng.dirichlet(np.ones(shape[1]), size=shape[0])).to(DEVICE)
@@ -169,6 +176,17 @@ def test_public_api_on_triton_matches_torch(rng, shape, kind, reduction, inplace
     (g,) = torch.autograd.grad(loss, z0, up)
     (gr,) = torch.autograd.grad(ref, z0, up)
     torch.testing.assert_close(g, gr, **F64)
+
+
+def test_all_ignored_batch_on_triton(rng):
+    z = torch.from_numpy(rng.normal(size=(4, 37))).to(DEVICE).requires_grad_()
+    y = torch.full((4,), -100, device=DEVICE)
+    with ce_mod._options(kernel="triton:one_pass"):
+        loss = cross_entropy(z, y, z_loss=1e-2, label_smoothing=0.1)
+        assert cross_entropy(z.detach(), y, reduction="sum").item() == 0.0
+    assert torch.isnan(loss) and torch.isnan(F.cross_entropy(z, y))
+    loss.backward()
+    assert torch.count_nonzero(z.grad) == 0
 
 
 def test_torch_compile_traces_the_triton_path(rng):
