@@ -146,8 +146,9 @@ def _fwd_bwd(fn, z, t):
     return loss, grad
 
 
-def _gate(name, fn, z0, t, ref, rows, dtype):
-    z = z0.detach().clone().requires_grad_()
+def _gate(name, fn, z0, t, ref, rows, dtype, writes_logits):
+    # an in-place implementation consumes its input: give it a copy (the others read z0 itself)
+    z = (z0.detach().clone() if writes_logits else z0.detach()).requires_grad_()
     loss, grad = _fwd_bwd(fn, z, t)
     ref_loss, ref_grad = ref
     loss_tol = dict(rtol=2e-3, atol=1e-3) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
@@ -173,7 +174,15 @@ def _peak_extra_bytes(call, device):
     return peak
 
 
-def _measure(name, fn, z, t, device, timer, repeats, warmup, *, is_floor=False):
+def _run_one(name, fn, writes_logits, z0, t, ref, sample, dtype, device, timer, repeats, warmup):
+    """Gate, then time one implementation; returns ``(timing, peak extra bytes or None)``."""
+    is_floor = name == "floor"
+    if is_floor:
+        fn = fn(torch.empty_like(z0))  # allocated only now: other rows do not carry this buffer
+    else:
+        _gate(name, fn, z0, t, ref, sample, dtype, writes_logits)
+    z = z0.detach().clone() if writes_logits else z0.detach()
+    z.requires_grad_(not is_floor)
     call = (lambda: fn(z, t)) if is_floor else (lambda: _fwd_bwd(fn, z, t))
     timing = timer(call, repeats=repeats, warmup=warmup)
     return timing, _peak_extra_bytes(call, device)
@@ -192,25 +201,22 @@ def run(n_rows, vocabs, dtypes, device, *, repeats, warmup, tiny=False):
             ref = _reference(z0, t, sample)
             moved = 2 * n_rows * vocab * z0.element_size()  # read the logits + write the gradient
             base = {"dtype": dtype_name, "N": n_rows, "V": vocab, "bytes_moved": moved}
-            entries = _make_impls(device, dtype, vocab, tiny=tiny) + [("floor", _floor_fn(torch.empty_like(z0)),
-                                                                        False, None)]
+            entries = _make_impls(device, dtype, vocab, tiny=tiny) + [("floor", _floor_fn, False, None)]
             for name, fn, writes_logits, reason in entries:
                 row = {**base, "impl": name}
                 if fn is None:
                     rows.append({**row, "skipped": reason})
                     print(f"{dtype_name} V={vocab:7d} {name:26s} skipped: {reason}")
                     continue
+                oom = None
                 try:
-                    if name != "floor":
-                        _gate(name, fn, z0, t, ref, sample, dtype)
-                    # in-place implementations overwrite their input: give them a copy to consume
-                    z = z0.detach().clone() if writes_logits else z0.detach()
-                    z.requires_grad_(name != "floor")
-                    timing, peak = _measure(name, fn, z, t, device, timer, repeats, warmup, is_floor=name == "floor")
-                    del z
+                    timing, peak = _run_one(name, fn, writes_logits, z0, t, ref, sample, dtype, device, timer,
+                                            repeats, warmup)
                 except torch.cuda.OutOfMemoryError as exc:
+                    oom = str(exc)[:160]
+                if oom is not None:  # outside the except block: the traceback's tensors are gone
                     torch.cuda.empty_cache()
-                    rows.append({**row, "skipped": f"out of memory: {str(exc)[:120]}"})
+                    rows.append({**row, "skipped": f"out of memory: {oom}"})
                     print(f"{dtype_name} V={vocab:7d} {name:26s} skipped: out of memory")
                     continue
                 row.update(timing)
