@@ -17,8 +17,10 @@ is exchanged between programs and any ``C`` works. Variants (``KernelConfig.vari
   softmax" (arXiv:1805.02867) -- ``m' = max(m, max(block))``,
   ``d' = d exp(m - m') + sum exp(s - m')`` -- and a second pass that writes the gradient.
   The second pass walks the blocks in reverse, so it starts with the blocks the first pass
-  read last, the ones most likely still in L2; the second read of a row then costs L2
-  bandwidth rather than HBM bandwidth whenever the rows in flight fit in L2. No
+  read last, the ones most likely still in L2, and the loads carry L2 eviction hints (the
+  first pass ``evict_last``, the second pass and the gradient stores ``evict_first``); the
+  second read of a row then costs L2 bandwidth rather than HBM bandwidth whenever the rows
+  in flight fit in L2. No
   recompilation per ``C``: ``C`` is a runtime argument, ``block_size`` a constant.
 * ``"two_pass_forward"``: the same with the second pass in forward order (to measure what
   the reverse order buys).
@@ -106,10 +108,14 @@ def _tanh(x):
 
 
 @triton.jit
-def _scores(x_row, cols, n_cols, cap, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
-    """One block of a row: ``s`` (softcapped logits in ACC, -inf beyond the row), ``tanh(z / cap)``, mask."""
+def _scores(x_row, cols, n_cols, cap, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr, EVICT: tl.constexpr):
+    """One block of a row: ``s`` (softcapped logits in ACC, -inf beyond the row), ``tanh(z / cap)``, mask.
+
+    ``EVICT`` is the L2 eviction hint: ``"evict_last"`` where the block will be read again
+    (the first of two passes), ``"evict_first"`` where this is its last read.
+    """
     mask = cols < n_cols
-    z = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(ACC)
+    z = tl.load(x_row + cols, mask=mask, other=float("-inf"), eviction_policy=EVICT).to(ACC)
     if HAS_SOFTCAP:
         th = _tanh(z / cap)
         s = tl.where(mask, cap * th, float("-inf"))
@@ -149,7 +155,7 @@ def _stats_loop(x_row, t_row, W, n_cols, cap, eps, num_classes,
     mass = tl.zeros([], ACC)
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        s, th, mask = _scores(x_row, cols, n_cols, cap, HAS_SOFTCAP, ACC)
+        s, th, mask = _scores(x_row, cols, n_cols, cap, HAS_SOFTCAP, ACC, "evict_last")
         m_new = tl.maximum(m, tl.max(s, axis=0))
         d = d * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
         if NEED_DOT:
@@ -185,14 +191,14 @@ def _grad_loop(x_row, g_row, t_row, W, n_cols, m, log_d, alpha, beta, gamma, y_l
         else:
             start = i * BLOCK
         cols = start + tl.arange(0, BLOCK)
-        s, th, mask = _scores(x_row, cols, n_cols, cap, HAS_SOFTCAP, ACC)
+        s, th, mask = _scores(x_row, cols, n_cols, cap, HAS_SOFTCAP, ACC, "evict_first")
         a = tl.exp((s - m) - log_d)  # softmax; (s - m) - log d avoids cancelling a large common offset
         if NEED_U:
             u = _class_coeff(t_row, W, cols, mask, eps, num_classes, HAS_WEIGHT, PROB_TARGET, ACC)
         else:
             u = a
         g = _grad_block(s, th, cols, y_local, a, alpha, beta, gamma, u, NEED_U, HAS_SOFTCAP)
-        tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=mask)
+        tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=mask, eviction_policy="evict_first")
 
 
 @triton.jit
@@ -309,7 +315,7 @@ def _ce_one_pass_kernel(X, stride_x, G, stride_g, T, stride_t, W, P, RS, LOSS, L
     y, s_y, w_y, valid, bad = _row_target(T, row, x_row, W, n_cols, ignore_index, cap,
                                           HAS_WEIGHT, PROB_TARGET, HAS_SOFTCAP, ACC)
     cols = tl.arange(0, BLOCK)
-    s, th, mask = _scores(x_row, cols, n_cols, cap, HAS_SOFTCAP, ACC)
+    s, th, mask = _scores(x_row, cols, n_cols, cap, HAS_SOFTCAP, ACC, "evict_first")
     m = tl.max(s, axis=0)
     m = tl.where(m == float("-inf"), 0.0, m)  # an all -inf row: d = 0 and lse = -inf
     e = tl.exp(s - m)
@@ -331,7 +337,7 @@ def _ce_one_pass_kernel(X, stride_x, G, stride_g, T, stride_t, W, P, RS, LOSS, L
         a = e / d
         g = _grad_block(s, th, cols, y, a, alpha, beta, gamma, u, NEED_DOT, HAS_SOFTCAP)
         g_row = G + row * stride_g
-        tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=mask)
+        tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=mask, eviction_policy="evict_first")
 
 
 @triton.jit(do_not_specialize=["stride_x", "stride_t", "n_cols", "class_offset", "num_classes"])
