@@ -510,6 +510,9 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         if not path.is_file():
             raise FileNotFoundError(f"model file {str(path)!r} does not exist")
         raw = path.read_bytes()
+        if not raw.startswith(b"PK"):
+            raise ValueError(f"{str(path)!r} is not a softgrad model file: not an .npz (zip) archive "
+                             f"(it starts with {raw[:8]!r})")
         try:
             with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
                 data = {key: npz[key] for key in npz.files}

@@ -56,7 +56,8 @@ class Dataset:
     Attributes:
         name: a short description (``"digits"``, ``"mnist:/data/mnist"``).
         X: ``(N, D)`` features (``uint8`` for image files, float64 otherwise).
-        y: ``(N,)`` labels (int64, or strings from a CSV).
+        y: ``(N,)`` labels (int64, or strings from a CSV); ``None`` for unlabelled data
+            (``label_column=None``).
         image_shape: shape of one row as an image, e.g. ``(8, 8)``, ``(28, 28)``, or
             ``(3, 32, 32)`` (channels first, CIFAR-10's layout); ``None`` for other data.
         class_names: names of the classes by label, if known.
@@ -66,7 +67,7 @@ class Dataset:
 
     name: str
     X: np.ndarray
-    y: np.ndarray
+    y: np.ndarray | None
     image_shape: tuple[int, ...] | None = None
     class_names: tuple[str, ...] | None = None
     X_test: np.ndarray | None = None
@@ -345,13 +346,14 @@ def _column_index(label_column, columns: int, header: list[str] | None, source: 
     return int(label_column) % columns
 
 
-def load_csv(path: str | os.PathLike, *, label_column: int | str = -1, delimiter: str | None = None,
+def load_csv(path: str | os.PathLike, *, label_column: int | str | None = -1, delimiter: str | None = None,
              header: bool | None = None) -> Dataset:
     """Features and labels from a CSV file (plain or gzipped), one sample per line.
 
     Args:
         path: the file.
-        label_column: index (default: the last column) or header name of the labels.
+        label_column: index (default: the last column) or header name of the labels,
+            or ``None`` when every column is a feature (``y`` is then ``None``).
             Labels may be whole numbers or any strings.
         delimiter: field separator; ``None`` sniffs ``,``, ``;``, tab or space.
         header: whether the first line names the columns; ``None`` decides by whether
@@ -381,7 +383,7 @@ def load_csv(path: str | os.PathLike, *, label_column: int | str = -1, delimiter
             delimiter = ","
     rows = list(csv.reader(io.StringIO("\n".join(lines)), delimiter=delimiter, skipinitialspace=True))
     width = len(rows[0])
-    if width < 2:
+    if width < 1 + (label_column is not None):
         raise ValueError(f"{source!r}: need at least 2 columns (features and a label), found {width} "
                          f"with delimiter {delimiter!r}")
 
@@ -394,21 +396,25 @@ def load_csv(path: str | os.PathLike, *, label_column: int | str = -1, delimiter
 
     first = rows[0]
     if header is None:
-        provisional = _column_index(label_column, width, first if isinstance(label_column, str) else None, source)
+        provisional = (None if label_column is None else
+                       _column_index(label_column, width, first if isinstance(label_column, str) else None, source))
         header = not numeric([v for i, v in enumerate(first) if i != provisional])
     names = [v.strip() for v in first] if header else None
     body = rows[1:] if header else rows
     if not body:
         raise ValueError(f"{source!r}: no data rows")
-    col = _column_index(label_column, width, names, source)
-    X = np.empty((len(body), width - 1))
+    col = None if label_column is None else _column_index(label_column, width, names, source)
+    X = np.empty((len(body), width - (col is not None)))
     labels = []
     for n, row in enumerate(body):
         line = n + 1 + int(bool(header))
         if len(row) != width:
             raise ValueError(f"{source!r} line {line}: {len(row)} fields, expected {width}")
-        labels.append(row[col].strip())
-        feats = row[:col] + row[col + 1:]
+        if col is None:
+            feats = row
+        else:
+            labels.append(row[col].strip())
+            feats = row[:col] + row[col + 1:]
         try:
             X[n] = [float(v) for v in feats]
         except ValueError:
@@ -416,14 +422,16 @@ def load_csv(path: str | os.PathLike, *, label_column: int | str = -1, delimiter
             raise ValueError(f"{source!r} line {line}: feature {bad!r} is not a number") from None
     if not np.isfinite(X).all():
         raise ValueError(f"{source!r}: features contain NaN or infinity")
-    return Dataset(f"csv:{p}", X, _labels(np.array(labels), repr(source)))
+    return Dataset(f"csv:{p}", X, None if col is None else _labels(np.array(labels), repr(source)))
 
 
-def load_npz(path: str | os.PathLike, *, label_column: int = -1) -> Dataset:
+def load_npz(path: str | os.PathLike, *, label_column: int | None = -1) -> Dataset:
     """Features and labels from an ``.npz`` file, read with ``allow_pickle=False``.
 
     Accepted layouts: arrays ``X`` (2-D) and ``y`` (1-D), optionally ``X_test`` and
-    ``y_test``; or one 2-D array whose ``label_column`` holds the labels.
+    ``y_test``; or one 2-D array whose ``label_column`` holds the labels. With
+    ``label_column=None`` the labels are optional: ``X`` alone, or one 2-D array of
+    features, gives ``y = None``.
 
     Raises:
         FileNotFoundError: no such file.
@@ -445,6 +453,13 @@ def load_npz(path: str | os.PathLike, *, label_column: int = -1) -> Dataset:
     if "X" in arrays and "y" in arrays:
         X, y = arrays["X"], arrays["y"]
         X_test, y_test = arrays.get("X_test"), arrays.get("y_test")
+    elif label_column is None and ("X" in arrays or len(arrays) == 1):
+        X = arrays["X"] if "X" in arrays else next(iter(arrays.values()))
+        if X.ndim != 2:
+            raise ValueError(f"{source}: features must be a 2-D array, got shape {X.shape}")
+        if X.dtype.kind not in "biuf":
+            raise ValueError(f"{source}: features must be numeric, got dtype {X.dtype}")
+        return Dataset(f"npz:{p}", X, None)
     elif len(arrays) == 1:
         (data,) = arrays.values()
         if data.ndim != 2 or data.shape[1] < 2:
@@ -474,12 +489,13 @@ def load_npz(path: str | os.PathLike, *, label_column: int = -1) -> Dataset:
     return Dataset(f"npz:{p}", X, y, X_test=X_test, y_test=y_test)
 
 
-def load(spec: str, *, seed: int | None = 0) -> Dataset:
+def load(spec: str, *, seed: int | None = 0, labels: bool = True) -> Dataset:
     """The data set named by a command-line ``spec``.
 
     ``digits``; ``spiral`` or ``spiral:K`` (``K`` arms, 100 points each, seeded);
     ``cifar10:PATH``; ``mnist:PATH``; ``fashion-mnist:PATH``; ``csv:PATH``;
     ``npz:PATH``; or a bare path ending in ``.csv``/``.csv.gz``/``.npz``.
+    ``labels=False`` reads CSV/NPZ files without a label column.
 
     Raises:
         ValueError: an unknown spec (the message lists the forms), or any loader error.
@@ -501,15 +517,18 @@ def load(spec: str, *, seed: int | None = 0) -> Dataset:
         except ValueError:
             raise ValueError(f"spiral:K needs an integer number of arms, got {arg!r}") from None
         return spiral(100, K, seed=seed)
+    column = -1 if labels else None
     loaders = {"cifar10": load_cifar10, "mnist": load_mnist,
-               "fashion-mnist": lambda a: load_mnist(a, fashion=True), "csv": load_csv, "npz": load_npz}
+               "fashion-mnist": lambda a: load_mnist(a, fashion=True),
+               "csv": lambda a: load_csv(a, label_column=column),
+               "npz": lambda a: load_npz(a, label_column=column)}
     if kind in loaders and arg:
         return loaders[kind](arg)
     lower = spec.lower()
     if lower.endswith((".csv", ".csv.gz")):
-        return load_csv(spec)
+        return load_csv(spec, label_column=column)
     if lower.endswith(".npz"):
-        return load_npz(spec)
+        return load_npz(spec, label_column=column)
     raise ValueError(f"unknown data spec {spec!r}; expected digits, spiral[:K], cifar10:PATH, mnist:PATH, "
                      "fashion-mnist:PATH, csv:PATH, npz:PATH, or a .csv/.npz path")
 

@@ -1,0 +1,65 @@
+"""``softgrad predict MODEL DATA``: apply a model saved by ``softgrad train`` (or ``SoftmaxClassifier.save``).
+
+``DATA`` is a data spec as for ``softgrad train`` (``digits``, ``mnist:PATH``,
+``csv:PATH``, a ``.csv``/``.npz`` path, ...). The model takes raw features (``train``
+folds its standardisation into the weights). Predictions are written as CSV (``row,
+prediction`` and, with ``--proba``, one probability column per class) to ``--out`` or
+standard output; when the data has labels, the accuracy goes to standard error.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+
+import click
+import numpy as np
+
+
+@click.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(exists=True, dir_okay=False))
+@click.argument("data_spec", metavar="DATA")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="CSV file for the predictions [default: standard output].")
+@click.option("--proba", is_flag=True, help="Add the probability of every class.")
+@click.option("--no-labels", is_flag=True, help="The CSV/NPZ data has no label column (all columns are features).")
+def predict(model_path, data_spec, out_path, proba, no_labels):
+    """Predict the classes of DATA with the saved model MODEL (an .npz file)."""
+    from softgrad import datasets
+    from softgrad._classifier import SoftmaxClassifier
+
+    try:
+        model = SoftmaxClassifier.load(model_path)
+        data = datasets.load(data_spec, labels=not no_labels)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    X, y = data.X, data.y
+    if data.X_test is not None:
+        X = np.concatenate([X, data.X_test])
+        y = np.concatenate([y, data.y_test])
+    X = np.asarray(X, dtype=np.float64)
+    if X.shape[1] != model.n_features_in_:
+        raise click.ClickException(
+            f"{data.name} has {X.shape[1]} features but the model {model_path!r} expects {model.n_features_in_}")
+    labels = model.predict(X)
+    probs = model.predict_proba(X) if proba else None
+
+    stream = open(out_path, "w", newline="") if out_path else sys.stdout
+    try:
+        writer = csv.writer(stream)
+        writer.writerow(["row", "prediction"] + ([f"p_{c}" for c in model.classes_] if proba else []))
+        for i, label in enumerate(labels.tolist()):
+            writer.writerow([i, label] + ([f"{p:.6g}" for p in probs[i]] if proba else []))
+    finally:
+        if out_path:
+            stream.close()
+    message = f"predicted {X.shape[0]} rows of {data.name} with {model_path}"
+    if y is not None:
+        known = np.isin(y, model.classes_)
+        accuracy = float(np.mean(labels == y))
+        message += f"; accuracy {100 * accuracy:.2f} %"
+        if not known.all():
+            message += f" ({int((~known).sum())} rows have labels the model never saw)"
+    if out_path:
+        message += f"; wrote {out_path}"
+    click.echo(message, err=True)
