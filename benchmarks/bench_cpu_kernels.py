@@ -48,12 +48,19 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+# Idle OpenMP threads sleep instead of spinning. Numba's, PyTorch's and scikit-learn's
+# OpenMP runtimes are separate; with spinning, the threads of the one that ran last keep
+# the two cores busy for a while and the next one's first calls stall ~10 ms. Set before
+# any runtime starts; costs microseconds per parallel region, against calls of >= 10 ms.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness  # noqa: E402
@@ -69,11 +76,9 @@ FULL_LINEAR = [(65536, 64, 1000)]  # (N, D, C)
 QUICK_LINEAR = [(512, 16, 10)]
 DTYPES = (np.float32, np.float64)
 OURS = {"numba", "numba_inplace", "softgrad[numba]", "numpy_ref"}
-# Untimed calls before each implementation's timed ones. Two, because when two OpenMP
-# runtimes share the cores (Numba's libgomp and PyTorch's or scikit-learn's own), the
-# first calls after switching from one to the other can wait ~10 ms for the other
-# runtime's threads to stop spinning.
-WARMUP = 2
+# Untimed rounds over every implementation before the timed ones (the gate's call is
+# another untimed one).
+WARMUP = 1
 # Gate: rtol, and atol relative to the largest reference entry.
 GATE = {np.dtype(np.float32): (1e-4, 1e-6), np.dtype(np.float64): (1e-9, 1e-12)}
 
@@ -220,13 +225,31 @@ def _gate(name, actual, expected, dtype):
     _harness.check_close(name, actual, expected, rtol=rtol, atol=atol)
 
 
-def _bench_one(rows, op, shape, dtype, impls, reference, floors, repeats, prepare=None):
-    """Gate every implementation on `reference`, then time it; append rows."""
-    N, C = shape
-    nbytes = 2 * N * C * np.dtype(dtype).itemsize  # one read + one write of the array
-    base = {"op": op, "shape": f"{N}x{C}", "N": N, "C": C, "dtype": np.dtype(dtype).name}
+def _time_interleaved(fns, repeats, warmup=WARMUP):
+    """Time every callable of ``fns`` in rounds (one call of each per round, order rotating).
+
+    On a shared machine the load changes over seconds to minutes; interleaving gives
+    every implementation the same conditions, so their ratios stay meaningful.
+    Returns ``name -> {median_ms, p20_ms, p80_ms, runs}``.
+    """
+    names = list(fns)
+    samples = {name: [] for name in names}
+    for r in range(warmup + repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            start = time.perf_counter()
+            fns[name]()
+            elapsed = time.perf_counter() - start
+            if r >= warmup:
+                samples[name].append(1e3 * elapsed)
+    return {name: {"median_ms": statistics.median(ms), "p20_ms": float(np.percentile(ms, 20)),
+                   "p80_ms": float(np.percentile(ms, 80)), "runs": len(ms)} for name, ms in samples.items()}
+
+
+def _gate_all(op, label, impls, reference, dtype, rows, base, prepare=None):
+    """Run each implementation once against `reference`; return those that pass."""
+    passed = {}
     for name, fn in impls.items():
-        row = {**base, "impl": name}
         try:
             if prepare is not None:
                 prepare(name)
@@ -240,34 +263,41 @@ def _bench_one(rows, op, shape, dtype, impls, reference, floors, repeats, prepar
         except AssertionError as exc:
             if name in OURS:
                 raise
-            rows.append({**row, "failed": str(exc).splitlines()[0][:200]})
-            print(f"{op:9s} {row['shape']:>12s} {row['dtype']:7s} {name:16s} WRONG ANSWER, not timed")
+            rows.append({**base, "impl": name, "failed": str(exc).splitlines()[0][:200]})
+            print(f"{op:9s} {label:>14s} {base['dtype']:7s} {name:16s} WRONG ANSWER, not timed")
             continue
-        timing = _harness.time_cpu(fn, repeats=repeats, warmup=WARMUP)
-        rows.append({**row, **timing, "gbps": nbytes / (timing["median_ms"] * 1e-3) / 1e9})
-        print(f"{op:9s} {row['shape']:>12s} {row['dtype']:7s} {name:16s} {timing['median_ms']:9.2f} ms",
-              flush=True)
-    for name, timing in floors.items():
-        rows.append({**base, "impl": name, **timing,
-                     "gbps": nbytes / (timing["median_ms"] * 1e-3) / 1e9 if name != "exp_arith" else None})
+        passed[name] = fn
+    return passed
 
 
-def _floors(x, repeats, exp_rows, exp_block, threads, cache):
-    key = (x.shape, x.dtype)
-    if key in cache:
-        return cache[key]
+def _floor_fns(x, exp_rows):
+    """The copy and the two exps (ours, NumPy's), on the shifted logits, into one buffer."""
     out = np.empty_like(x)
-    floors = {"copy": _harness.time_cpu(lambda: np.copyto(out, x), repeats=repeats)}
     shifted = x - x.max(axis=1, keepdims=True)
-    ours = _harness.time_cpu(lambda: exp_rows(shifted, out), repeats=repeats)
+    exp_rows(shifted, out)
     np.testing.assert_allclose(out, np.exp(shifted.astype(np.float64)), rtol=GATE[x.dtype][0], atol=1e-30)
-    theirs = _harness.time_cpu(lambda: np.exp(shifted, out=out), repeats=repeats)
-    best, src = (ours, "softgrad exp") if ours["median_ms"] <= theirs["median_ms"] else (theirs, "np.exp")
-    floors["exp"] = {**best, "exp_impl": src}
-    ms, ns = _exp_arith_ms(x.dtype, x.size, threads, exp_block)
-    floors["exp_arith"] = {"median_ms": ms, "p20_ms": ms, "p80_ms": ms, "runs": 5, "ns_per_elem_per_thread": ns}
-    cache[key] = floors
-    return floors
+    return {
+        "copy": lambda: np.copyto(out, x),
+        "exp[softgrad]": lambda: exp_rows(shifted, out),
+        "exp[numpy]": lambda: np.exp(shifted, out=out),
+    }
+
+
+def _bench_one(rows, op, shape, dtype, impls, reference, floor_fns, exp_arith, repeats, prepare=None):
+    """Gate every implementation on `reference`, then time them all interleaved; append rows."""
+    N, C = shape
+    nbytes = 2 * N * C * np.dtype(dtype).itemsize  # one read + one write of the array
+    base = {"op": op, "shape": f"{N}x{C}", "N": N, "C": C, "dtype": np.dtype(dtype).name}
+    passed = _gate_all(op, base["shape"], impls, reference, dtype, rows, base, prepare)
+    timings = _time_interleaved({**passed, **floor_fns}, repeats)
+    exp_name = min(("exp[softgrad]", "exp[numpy]"), key=lambda n: timings[n]["median_ms"])
+    timings["exp"] = {**timings[exp_name], "exp_impl": exp_name}
+    timings["exp_arith"] = exp_arith
+    for name in list(passed) + ["copy", "exp", "exp_arith"]:
+        t = timings[name]
+        gbps = None if name == "exp_arith" else nbytes / (t["median_ms"] * 1e-3) / 1e9
+        rows.append({**base, "impl": name, **t, "gbps": gbps})
+        print(f"{op:9s} {base['shape']:>14s} {base['dtype']:7s} {name:16s} {t['median_ms']:9.2f} ms", flush=True)
 
 
 def _linear_rows(rows, shapes, dtypes, repeats, peers):
@@ -304,20 +334,10 @@ def _linear_rows(rows, shapes, dtypes, repeats, peers):
             reference = (J_ref, np.concatenate([gW_ref.ravel(), gb_ref]))
             base = {"op": "linear", "shape": f"{N}x{D}x{C}", "N": N, "D": D, "C": C,
                     "dtype": np.dtype(dtype).name}
-            for name, fn in impls.items():
-                row = {**base, "impl": name}
-                try:
-                    J, g = fn()
-                    _gate(f"linear {name} objective", J, reference[0], dtype)
-                    _gate(f"linear {name} gradient", g, reference[1], dtype)
-                except AssertionError as exc:
-                    if name in OURS:
-                        raise
-                    rows.append({**row, "failed": str(exc).splitlines()[0][:200]})
-                    continue
-                timing = _harness.time_cpu(fn, repeats=repeats, warmup=WARMUP)
-                rows.append({**row, **timing})
-                print(f"linear    {row['shape']:>12s} {row['dtype']:7s} {name:16s} {timing['median_ms']:9.2f} ms",
+            passed = _gate_all("linear", base["shape"], impls, reference, dtype, rows, base)
+            for name, t in _time_interleaved(passed, repeats).items():
+                rows.append({**base, "impl": name, **t})
+                print(f"linear    {base['shape']:>14s} {base['dtype']:7s} {name:16s} {t['median_ms']:9.2f} ms",
                       flush=True)
 
 
@@ -371,18 +391,21 @@ def run(shapes, linear_shapes, dtypes, repeats):
     if "torch" in peers:
         peers["torch"].set_num_threads(threads)
     exp_rows, exp_block = _exp_kernels()
-    rows, floor_cache = [], {}
+    rows = []
     with softgrad.use_backend("numba"):
         for shape in shapes:
             for dtype in dtypes:
                 rng = np.random.default_rng(0)
                 x = (rng.standard_normal(size=shape, dtype=np.float32) * 3).astype(dtype)
                 y = rng.integers(0, shape[1], size=shape[0])
-                floors = _floors(x, repeats, exp_rows, exp_block, threads, floor_cache)
+                floor_fns = _floor_fns(x, exp_rows)
+                ms, ns = _exp_arith_ms(x.dtype, x.size, threads, exp_block)
+                exp_arith = {"median_ms": ms, "p20_ms": ms, "p80_ms": ms, "runs": 5, "ns_per_elem_per_thread": ns}
 
                 ref = np.empty(shape, dtype=np.float64)
                 REF.softmax(x.astype(np.float64), ref)
-                _bench_one(rows, "softmax", shape, dtype, _softmax_impls(x, peers), ref, floors, repeats)
+                _bench_one(rows, "softmax", shape, dtype, _softmax_impls(x, peers), ref, floor_fns, exp_arith,
+                           repeats)
                 del ref
 
                 reference = _reference_loss_grad(x, y)
@@ -392,8 +415,9 @@ def run(shapes, linear_shapes, dtypes, repeats):
                     if name == "numba_inplace":
                         np.copyto(work, x)  # the gate sees the gradient of the real logits
 
-                _bench_one(rows, "loss+grad", shape, dtype, impls, reference, floors, repeats, prepare)
-                del reference, impls, work, x
+                _bench_one(rows, "loss+grad", shape, dtype, impls, reference, floor_fns, exp_arith, repeats,
+                           prepare)
+                del reference, impls, work, x, floor_fns
     _linear_rows(rows, linear_shapes, dtypes, repeats, peers)
     _add_ratios(rows)
     return rows, threads
@@ -472,6 +496,8 @@ def main(argv=None):
     extra = {
         "quick": args.quick,
         "threads": threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "timing": f"interleaved rounds: {WARMUP} untimed, then --repeats timed; one call of each per round",
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "wall_s": time.time() - start,
