@@ -477,13 +477,64 @@ def _chart(rows, path):
     plt.close(fig)
 
 
+_MD_COLUMNS = [("copy", "copy"), ("exp", "exp floor"), ("numba", "**numba kernel**"),
+               ("numba_inplace", "numba in place"), ("softgrad[numba]", "`softgrad.*` API"),
+               ("numpy_ref", "NumPy reference"), ("cs231n", "CS231n NumPy"), ("scipy", "SciPy"),
+               ("torch", "PyTorch"), ("sklearn", "scikit-learn")]
+
+
+def markdown(payload: dict) -> str:
+    """README tables (one per dtype) from a results payload: median ms, numba's ratio to the copy."""
+    rows = [r for r in payload["rows"] if "median_ms" in r and r["op"] != "linear"]
+    lines = []
+    for dtype in sorted({r["dtype"] for r in rows}, key=lambda d: d != "float32"):
+        cols = [(k, h) for k, h in _MD_COLUMNS if any(r["impl"] == k and r["dtype"] == dtype for r in rows)]
+        lines += [f"{dtype}, median ms (numba: x copy time)", "",
+                  "| op | N x C | " + " | ".join(h for _, h in cols) + " |",
+                  "|---|---|" + "---:|" * len(cols)]
+        keys = []
+        for r in rows:
+            if r["dtype"] == dtype and (r["op"], r["shape"]) not in keys:
+                keys.append((r["op"], r["shape"]))
+        for op, shape in keys:
+            by = {r["impl"]: r for r in rows if (r["op"], r["shape"], r["dtype"]) == (op, shape, dtype)}
+            cells = []
+            for k, _ in cols:
+                if k not in by:
+                    cells.append("-")
+                    continue
+                cell = f"{by[k]['median_ms']:.0f}" if by[k]["median_ms"] >= 10 else f"{by[k]['median_ms']:.1f}"
+                if k in ("numba", "numba_inplace") and "x_copy" in by[k]:
+                    cell += f" ({by[k]['x_copy']:.2f}x)"
+                cells.append(cell)
+            lines.append(f"| {op} | {shape.replace('x', ' x ')} | " + " | ".join(cells) + " |")
+        lines.append("")
+    linear = [r for r in payload["rows"] if r["op"] == "linear" and "median_ms" in r]
+    if linear:
+        lines += ["linear model objective + gradient (N x D x C), median ms", "",
+                  "| dtype | N x D x C | numba backend | NumPy backend | scikit-learn `LinearModelLoss` |",
+                  "|---|---|---:|---:|---:|"]
+        for dtype in sorted({r["dtype"] for r in linear}, key=lambda d: d != "float32"):
+            for shape in sorted({r["shape"] for r in linear if r["dtype"] == dtype}):
+                by = {r["impl"]: r for r in linear if (r["dtype"], r["shape"]) == (dtype, shape)}
+                cells = [f"{by[k]['median_ms']:.0f}" if k in by else "-" for k in ("numba", "numpy_ref", "sklearn")]
+                lines.append(f"| {dtype} | {shape.replace('x', ' x ')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--markdown", metavar="JSON", help="print the README tables of a results file and exit")
     parser.add_argument("--quick", action="store_true", help="small shapes, results to a temporary directory")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per implementation")
     parser.add_argument("--dtype", choices=["float32", "float64"], action="append",
                         help="restrict to this dtype (repeatable)")
     args = parser.parse_args(argv)
+    if args.markdown:
+        import json
+
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return None
     dtypes = tuple(np.dtype(d).type for d in args.dtype) if args.dtype else DTYPES
     if args.quick:
         shapes, linear, repeats = QUICK_SHAPES, QUICK_LINEAR, args.repeats or 2
