@@ -46,6 +46,8 @@ _FORMAT_VERSION = 1
 _MIXED_MIN_WORK = 1 << 23
 # relative objective decrease at which L-BFGS-B stops (as scikit-learn sets it)
 _FTOL = 64 * np.finfo(np.float64).eps
+# sgd with schedule="adaptive" stops after dividing the step by 5 five times (5**-5 = 3.2e-4)
+_ADAPTIVE_FLOOR = 1.5 * 5.0 ** -5
 
 
 class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
@@ -92,12 +94,14 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
       gradient's Lipschitz constant, which guarantees descent); same stopping rule.
     * ``"sgd"``: mini-batch stochastic gradient descent over ``batch_size`` rows,
       ``shuffle``-d each epoch with ``random_state``; ``max_iter`` counts epochs; stops
-      when the epoch objective has not improved by ``tol`` for ``n_iter_no_change``
-      epochs.
+      when the epoch objective has not improved on its best by more than ``tol`` for
+      ``n_iter_no_change`` epochs in a row.
 
     ``schedule`` sets the step of ``gd``/``sgd`` at iteration/epoch ``t``:
     ``"constant"`` (:math:`\eta`), ``"invscaling"`` (:math:`\eta/\sqrt{t+1}`) or
-    ``"adaptive"`` (:math:`\eta` halves whenever the objective fails to decrease).
+    ``"adaptive"``: ``gd`` halves :math:`\eta` whenever the objective increases;
+    ``sgd`` divides it by 5 where the stopping rule would stop, and stops once
+    :math:`\eta` has been divided five times.
 
     Args:
         alpha: L2 strength :math:`\alpha \ge 0` (see the mapping above).
@@ -276,7 +280,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
             cw = compute_class_weight(self.class_weight, classes=classes, y=y)
             s = s * cw[target]
         if not s.sum() > 0:
-            raise ValueError("sample_weight (times class_weight) sums to 0; nothing to fit")
+            raise ValueError("sample_weight (times class_weight) sums to zero: all weights are zero, nothing to fit")
         return s
 
     def _initial_weights(self, classes, D):
@@ -418,9 +422,14 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
             else:
                 stall = 0
             best = min(best, epoch_objective)
-            eta = self._scheduled(eta0, eta, epoch, epoch_objective, previous)
+            if self.schedule == "invscaling":
+                eta = self._scheduled(eta0, eta, epoch, epoch_objective, previous)
             previous = epoch_objective
             if stall >= self.n_iter_no_change:
+                if self.schedule == "adaptive" and eta > eta0 * _ADAPTIVE_FLOOR:
+                    eta /= 5.0
+                    stall = 0
+                    continue
                 converged = True
                 break
         objective = _full_objective(X, target, row_scale, self.alpha, W, b)
@@ -455,7 +464,8 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
 
     def predict(self, X):
         """The most probable label per row, ``classes_[argmax z]``, shape ``(N,)``."""
-        return self.classes_[np.argmax(self._logits(X), axis=1)]
+        z = self._logits(X)
+        return self.classes_[np.argmax(z, axis=1)]
 
     # ----------------------------------------------------------- save/load
     def save(self, path) -> Path:
