@@ -327,10 +327,10 @@ def _labels(values: np.ndarray, source: str) -> np.ndarray:
                          "class names or whole numbers")
     strings = values.astype(str)
     try:
-        as_int = np.array([int(s) for s in strings.tolist()], dtype=np.int64)
+        as_float = np.array([float(s) for s in strings.tolist()])
     except ValueError:
-        return strings
-    return as_int
+        return strings  # class names
+    return _labels(as_float, source)
 
 
 def _column_index(label_column, columns: int, header: list[str] | None, source: str) -> int:
@@ -431,7 +431,7 @@ def load_npz(path: str | os.PathLike, *, label_column: int | None = -1) -> Datas
     Accepted layouts: arrays ``X`` (2-D) and ``y`` (1-D), optionally ``X_test`` and
     ``y_test``; or one 2-D array whose ``label_column`` holds the labels. With
     ``label_column=None`` the labels are optional: ``X`` alone, or one 2-D array of
-    features, gives ``y = None``.
+    features, gives ``y = None`` (``X`` and ``y`` together still give ``y``).
 
     Raises:
         FileNotFoundError: no such file.
@@ -442,6 +442,9 @@ def load_npz(path: str | os.PathLike, *, label_column: int | None = -1) -> Datas
     source = repr(str(p))
     if not p.is_file():
         raise FileNotFoundError(f"{source} does not exist")
+    with open(p, "rb") as f:
+        if f.read(2) != b"PK":
+            raise ValueError(f"{source} is not a readable .npz file (no zip signature)")
     try:
         with np.load(p, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
@@ -453,7 +456,7 @@ def load_npz(path: str | os.PathLike, *, label_column: int | None = -1) -> Datas
     if "X" in arrays and "y" in arrays:
         X, y = arrays["X"], arrays["y"]
         X_test, y_test = arrays.get("X_test"), arrays.get("y_test")
-    elif label_column is None and ("X" in arrays or len(arrays) == 1):
+    elif label_column is None and (set(arrays) == {"X"} or len(arrays) == 1):
         X = arrays["X"] if "X" in arrays else next(iter(arrays.values()))
         if X.ndim != 2:
             raise ValueError(f"{source}: features must be a 2-D array, got shape {X.shape}")
