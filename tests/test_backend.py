@@ -183,3 +183,27 @@ def test_joblib_workers_get_their_share_of_threads():
     """)
     got, cpus = out.stdout.strip().rsplit(" ", 1)
     assert joblib is not None and got == f"[('numba', {max(1, int(cpus) // 2)})]"
+
+
+@requires_numba
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_forked_children_of_an_openmp_parent_compute_serially():
+    # GNU OpenMP cannot start a parallel region after fork(); Numba would terminate the
+    # child. Children of a parent that used the kernels run serial builds instead.
+    out = _run("""
+        import multiprocessing as mp
+        import numpy as np, numba, softgrad
+        from softgrad._kernels import _numba
+        def work(i):
+            z = np.arange(4.0) + i
+            return softgrad.softmax(z).tolist(), _numba._FORKED_FROM_OPENMP
+        if __name__ == "__main__":
+            softgrad.softmax(np.zeros((64, 3)))  # the parent's threading layer is running
+            with mp.get_context("fork").Pool(2) as pool:
+                got = pool.map(work, range(3))
+            want = [softgrad.softmax(np.arange(4.0) + i).tolist() for i in range(3)]
+            assert [g for g, _ in got] == want, got
+            print(numba.threading_layer(), sorted({f for _, f in got}))
+    """)
+    layer, flags = out.stdout.strip().split(" ", 1)
+    assert flags == ("[True]" if layer == "omp" else "[False]")

@@ -37,12 +37,15 @@ contraction only: no ``nnan``/``ninf`` assumptions (``-inf`` logits are legal), 
 Threads: the number of threads of the calling thread is Numba's
 (``NUMBA_NUM_THREADS``, :func:`numba.set_num_threads`); a threadpoolctl controller
 (registered on import when threadpoolctl is installed) lets ``threadpool_limits`` set it.
+A child process forked from a parent whose threading layer is GNU OpenMP (which cannot
+run after ``fork()``) uses serial builds of the kernels, compiled in the child.
 The kernels are compiled on first use and cached on disk (``cache=True``).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import numba
 import numpy as np
@@ -465,6 +468,34 @@ _NO_WEIGHT = {np.dtype(t): np.empty(0, dtype=t) for t in (np.float32, np.float64
 _NO_GRAD = {np.dtype(t): np.empty((0, 0), dtype=t) for t in (np.float32, np.float64)}
 
 
+# Set in a child process forked from a parent whose Numba threading layer is OpenMP:
+# GNU OpenMP cannot run a parallel region after fork() (Numba terminates the process),
+# so such a child runs serial builds of the same kernels (compiled there, on first use).
+_FORKED_FROM_OPENMP = False
+_SERIAL: dict = {}
+
+
+def _after_fork_in_child() -> None:
+    global _FORKED_FROM_OPENMP
+    try:
+        _FORKED_FROM_OPENMP = numba.threading_layer() == "omp"
+    except ValueError:  # no threading layer started in the parent
+        _FORKED_FROM_OPENMP = False
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _k(kernel):
+    """``kernel``, or its serial build in a child forked from an OpenMP-using parent."""
+    if not _FORKED_FROM_OPENMP:
+        return kernel
+    serial = _SERIAL.get(kernel)
+    if serial is None:  # prange runs as range without parallel=True
+        serial = _SERIAL[kernel] = njit(nogil=True)(kernel.py_func)
+    return serial
+
+
 def _block(x: np.ndarray) -> int:
     return _BLOCK_BYTES // x.itemsize
 
@@ -484,22 +515,22 @@ def _grad_mode(logits: np.ndarray, grad_out) -> tuple[np.ndarray, int]:
 
 def logsumexp(logits: np.ndarray, out: np.ndarray) -> None:
     """``out[i] = log(sum_k exp(logits[i, k]))``; ``out (N,)`` of the logits' dtype."""
-    _logsumexp(logits, out, _block(logits), _n_chunks(logits.shape[0]))
+    _k(_logsumexp)(logits, out, _block(logits), _n_chunks(logits.shape[0]))
 
 
 def softmax(logits: np.ndarray, out: np.ndarray) -> None:
     """``out[i, k] = exp(logits[i, k] - lse_i)``."""
-    _softmax(logits, out, _block(logits), _n_chunks(logits.shape[0]))
+    _k(_softmax)(logits, out, _block(logits), _n_chunks(logits.shape[0]))
 
 
 def log_softmax(logits: np.ndarray, out: np.ndarray) -> None:
     """``out[i, k] = logits[i, k] - lse_i``."""
-    _log_softmax(logits, out, _block(logits), _n_chunks(logits.shape[0]))
+    _k(_log_softmax)(logits, out, _block(logits), _n_chunks(logits.shape[0]))
 
 
 def softmax_backward(grad_probs: np.ndarray, probs: np.ndarray, out: np.ndarray) -> None:
     """Vector-Jacobian product of softmax: ``out = (g - <g, a>) * a`` per row."""
-    _softmax_backward(grad_probs, probs, out)
+    _k(_softmax_backward)(grad_probs, probs, out)
 
 
 def cross_entropy_index(logits, target, weight, ignore_index, label_smoothing, grad_scale,
@@ -514,7 +545,7 @@ def cross_entropy_index(logits, target, weight, ignore_index, label_smoothing, g
     w = weight if has_weight else _NO_WEIGHT[logits.dtype]
     weight_sum = float(weight.sum(dtype=np.float64)) if has_weight else float(C)
     g, mode = _grad_mode(logits, grad_out)
-    _cross_entropy_index(logits, target, w, has_weight, weight_sum, np.int64(ignore_index),
+    _k(_cross_entropy_index)(logits, target, w, has_weight, weight_sum, np.int64(ignore_index),
                          float(label_smoothing), grad_scale, loss_out, g, mode, _block(logits),
                          _n_chunks(logits.shape[0]))
 
@@ -525,7 +556,7 @@ def cross_entropy_probs(logits, target, weight, label_smoothing, grad_scale, los
     has_weight = weight is not None
     w = weight if has_weight else _NO_WEIGHT[logits.dtype]
     g, mode = _grad_mode(logits, grad_out)
-    _cross_entropy_probs(logits, target, w, has_weight, float(label_smoothing), grad_scale,
+    _k(_cross_entropy_probs)(logits, target, w, has_weight, float(label_smoothing), grad_scale,
                          loss_out, g, mode, _block(logits), _n_chunks(logits.shape[0]))
 
 
