@@ -26,7 +26,7 @@ import softgrad
 
 _SOLVERS = ("lbfgs", "gd", "sgd")
 _GRADCHECK_ROWS = 20
-_GRADCHECK_FEATURES = 48
+_GRADCHECK_FEATURES = 16
 
 
 def _gradient_check(X, y, n_classes, alpha, fit_intercept, rng):
