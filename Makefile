@@ -29,6 +29,7 @@ install-all: $(VENV)/.installed-all
 demo: $(VENV)/.installed
 	$(VENV)/bin/softgrad explain --logits 0.3 0.5 0.2 --target 1
 	$(VENV)/bin/softgrad check
+	$(VENV)/bin/softgrad train --out runs/demo
 
 test: $(VENV)/.installed-all
 	$(PY) -m pytest -q
