@@ -89,13 +89,14 @@ def _exp_kernels():
 
     from softgrad._kernels._numba import _exp
 
-    @numba.njit(parallel=True, cache=True)
+    # not cached: Numba's cache would not notice a change of _exp in another file
+    @numba.njit(parallel=True)
     def exp_rows(src, dst):
         for i in numba.prange(src.shape[0]):
             for k in range(src.shape[1]):
                 dst[i, k] = _exp(src[i, k])
 
-    @numba.njit(cache=True)
+    @numba.njit
     def exp_block(x, out, reps):
         for _ in range(reps):
             for k in range(x.shape[0]):
