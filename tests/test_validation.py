@@ -41,6 +41,36 @@ def test_nan_and_pos_inf_raise(value, what):
         softgrad.softmax([[0.0, value]])
 
 
+@pytest.mark.parametrize("row", [[np.nan, -np.inf, 0.0], [-np.inf, np.nan], [np.inf, np.nan], [-np.inf, np.inf],
+                                 [np.nan, np.nan]])
+def test_bad_values_found_among_neg_inf(row):
+    # The row-maximum check must see a NaN/+inf even next to -inf entries, in any position.
+    logits = np.zeros((3, len(row)))
+    logits[1] = row
+    with pytest.raises(ValueError, match=r"logits contains (NaN|\+inf)"):
+        softgrad.softmax(logits)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_large_finite_values_pass_although_their_sum_overflows(dtype):
+    # The one-pass sum check overflows here; the exact scans must then find nothing wrong.
+    big = np.finfo(dtype).max
+    x = np.full((4, 3), big, dtype=dtype)
+    v.as_float_array(x, "x")
+    out = softgrad.softmax_backward(x * 0, np.full((4, 3), 1 / 3, dtype=dtype))
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(softgrad.softmax(x), np.full((4, 3), 1 / 3, dtype=dtype))
+
+
+@pytest.mark.parametrize("value, what", [(np.nan, "NaN"), (np.inf, r"\+inf"), (-np.inf, "-inf")])
+def test_finite_only_arrays_reject_non_finite(value, what):
+    probs = np.full((3, 4), 0.25)
+    grad = np.zeros((3, 4))
+    grad[2, 1] = value
+    with pytest.raises(ValueError, match=f"grad_probs contains {what}"):
+        softgrad.softmax_backward(grad, probs)
+
+
 def test_neg_inf_allowed_but_not_whole_slice():
     np.testing.assert_array_equal(softgrad.softmax([0.0, -np.inf]), [1.0, 0.0])
     with pytest.raises(ValueError, match="logits .*entirely -inf"):

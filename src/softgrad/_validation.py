@@ -26,8 +26,12 @@ import numpy as np
 _REDUCTIONS = ("none", "mean", "sum")
 
 
-def as_float_array(x: Any, name: str, *, allow_neg_inf: bool = False) -> np.ndarray:
+def as_float_array(x: Any, name: str, *, allow_neg_inf: bool = False,
+                   check_values: bool = True) -> np.ndarray:
     """Convert ``x`` to a real floating ndarray without copying when possible.
+
+    With ``check_values=False`` only the dtype is checked; the caller then checks the
+    values itself (:func:`logits_rows` does it with one row-maximum pass).
 
     Raises:
         TypeError: ``x`` is not numeric, or is bool, integer or complex.
@@ -45,14 +49,28 @@ def as_float_array(x: Any, name: str, *, allow_neg_inf: bool = False) -> np.ndar
             f"{name} must have a real floating dtype (float16/32/64), got dtype {arr.dtype}; "
             f"convert it explicitly, e.g. {name}.astype(np.float64)"
         )
-    if arr.size:
-        if np.isnan(arr).any():
-            raise ValueError(f"{name} contains NaN")
-        if np.isposinf(arr).any():
-            raise ValueError(f"{name} contains +inf")
-        if not allow_neg_inf and np.isneginf(arr).any():
-            raise ValueError(f"{name} contains -inf")
+    if check_values and arr.size:
+        _check_values(arr, name, allow_neg_inf)
     return arr
+
+
+def _check_values(arr: np.ndarray, name: str, allow_neg_inf: bool) -> None:
+    """Raise ``ValueError`` for NaN, ``+inf`` and (unless allowed) ``-inf`` entries.
+
+    Fast path: one pass that sums the array (no temporaries). A finite sum proves every
+    entry finite, since a NaN or an infinity makes the sum NaN or infinite. Only when the
+    sum is not finite (a bad entry, an allowed ``-inf``, or an overflow of large finite
+    entries) do the exact element-wise scans run.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.add.reduce(arr, axis=None)):
+            return
+    if np.isnan(arr).any():
+        raise ValueError(f"{name} contains NaN")
+    if np.isposinf(arr).any():
+        raise ValueError(f"{name} contains +inf")
+    if not allow_neg_inf and np.isneginf(arr).any():
+        raise ValueError(f"{name} contains -inf")
 
 
 def compute_dtype(dtype: np.dtype) -> np.dtype:
@@ -139,19 +157,28 @@ def logits_rows(logits: Any, axis: Any, name: str = "logits") -> tuple[np.ndarra
     >>> rows.shape, layout.batch_shape
     ((8, 3), (2, 4))
     """
-    arr = as_float_array(logits, name, allow_neg_inf=True)
+    arr = as_float_array(logits, name, check_values=False)
     ax = normalize_axis(axis, arr.ndim)
     if arr.size == 0:
         raise ValueError(f"{name} is empty (shape {arr.shape}); need at least one row and one class")
     layout = RowLayout(arr.shape, ax, arr.dtype)
     rows = layout.to_rows(arr)
-    check_rows_not_all_neg_inf(rows, name)
+    check_logit_rows(rows, name)
     return rows, layout
 
 
-def check_rows_not_all_neg_inf(rows: np.ndarray, name: str) -> None:
-    """Raise ``ValueError`` if some row of ``rows`` is entirely ``-inf``."""
-    bad = np.isneginf(rows).all(axis=1)
+def check_logit_rows(rows: np.ndarray, name: str) -> None:
+    """Raise ``ValueError`` if ``rows (N, C)`` has NaN, ``+inf``, or a row entirely ``-inf``.
+
+    One pass: the row maximum is NaN if the row has a NaN (``np.max`` propagates it),
+    ``+inf`` if it has a ``+inf``, and ``-inf`` exactly when every entry is ``-inf``.
+    """
+    row_max = rows.max(axis=1)
+    if np.isnan(row_max).any():
+        raise ValueError(f"{name} contains NaN")
+    if np.isposinf(row_max).any():
+        raise ValueError(f"{name} contains +inf")
+    bad = np.isneginf(row_max)
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
         raise ValueError(
