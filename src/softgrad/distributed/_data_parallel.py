@@ -1,0 +1,421 @@
+r"""Data-parallel fitting of :class:`softgrad.SoftmaxClassifier`: rows split across ranks.
+
+The classifier's objective is a weighted mean over rows plus a penalty,
+
+.. math::
+
+    J(W, b) = \sum_i r_i \ell_i(W, b) + \tfrac{\alpha}{2}\lVert W\rVert_F^2,
+    \qquad r_i = s_i / \textstyle\sum_j s_j,
+
+so over rows split into shards :math:`S_1, \ldots, S_P` it is a sum of per-shard terms:
+:math:`J = \sum_k \sum_{i \in S_k} r_i \ell_i + \frac{\alpha}{2}\lVert W\rVert^2`, and the same
+holds for its gradient (``X_k^T G_k`` per shard). Each rank evaluates its shard's data term
+and gradient with :func:`softgrad._linear_model.objective_and_gradient` (one ``(N_k, C)`` work
+array, the numba or NumPy kernels) with ``alpha = 0``, and one float64 sum all-reduce of
+``1 + D C + C`` numbers per evaluation gives every rank the same objective and gradient, to
+which it adds the penalty. The normaliser :math:`\sum_j s_j`, the classes (a rank may lack
+some), ``class_weight="balanced"``'s counts, and -- for ``gd`` with ``learning_rate="auto"`` --
+the power iteration that bounds the gradient's Lipschitz constant are agreed the same way.
+
+Every rank then runs the same deterministic solver (SciPy's L-BFGS-B, or gradient descent)
+on the same numbers, so every rank takes the same steps and ends with the same model, which
+equals the single-process fit on the concatenated rows up to the rounding of the sums (the
+solvers' decisions are identical as long as those roundings do not flip a line search; the
+tests check 1e-8). A final broadcast verifies that all ranks hold the same weights.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+import zlib
+
+import numpy as np
+import torch
+
+from softgrad import _linear_model
+from softgrad.distributed import _comm
+
+__all__ = ["fit_data_parallel"]
+
+
+class _Reducer:
+    """Float64 sum all-reduce of NumPy vectors over ``group`` (on the device its backend needs)."""
+
+    def __init__(self, group, rank: int, world: int):
+        self.group, self.rank, self.world = group, rank, world
+        self.device = _comm.comm_device(group)
+
+    def sum(self, values: np.ndarray, what: str) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)).to(self.device)
+        _comm.all_reduce(t, "sum", self.group, what)
+        return t.cpu().numpy()
+
+
+class _ShardObjective:
+    """``theta -> (J, grad)`` over all ranks' rows: local data term, all-reduce, then the penalty.
+
+    ``theta = [W.ravel(), b]`` in float64, as in the single-process estimator. The shard is
+    held in one compute dtype (float32 for the first phase of ``precision="mixed"``).
+    """
+
+    def __init__(self, X, target, row_scale, alpha, C, fit_intercept, reducer: _Reducer):
+        N, D = X.shape
+        self.X, self.target, self.row_scale, self.alpha = X, target, row_scale, float(alpha)
+        self.D, self.C, self.fit_intercept = D, C, fit_intercept
+        self.reducer = reducer
+        self.work = np.empty((N, C), dtype=X.dtype)
+        self.loss_rows = np.empty(N)
+
+    def __call__(self, theta):
+        D, C = self.D, self.C
+        t = theta if self.X.dtype == np.float64 else theta.astype(self.X.dtype)
+        W = t[:D * C].reshape(D, C)
+        b = t[D * C:] if self.fit_intercept else None
+        packed = np.zeros(1 + theta.shape[0])  # [data term, grad W, grad b] of this shard
+        if self.X.shape[0]:
+            J, gW, gb = _linear_model.objective_and_gradient(W, b, self.X, self.target, self.row_scale, 0.0,
+                                                             self.work, self.loss_rows)
+            packed[0] = J
+            packed[1:1 + D * C] = gW.reshape(-1)
+            if b is not None:
+                packed[1 + D * C:] = gb
+        total = self.reducer.sum(packed, "objective and gradient")
+        grad = total[1:]
+        penalty = 0.0
+        if self.alpha:
+            # the L2 term is added once, after the sum over shards: 0.5 alpha ||W||^2, gradient alpha W
+            penalty = 0.5 * self.alpha * float(np.vdot(W, W))
+            grad[:D * C] += (self.alpha * W).reshape(-1)
+        return float(total[0]) + penalty, grad
+
+
+def _lipschitz_bound(X, row_scale, alpha, fit_intercept, reducer: _Reducer, *, iterations=30, seed=0) -> float:
+    """:func:`softgrad._linear_model.lipschitz_bound` of the concatenated rows.
+
+    The power iteration's product ``X~^T R X~ v`` is a sum over rows, so each rank forms its
+    shard's part and one all-reduce of ``D (+1)`` numbers per iteration adds them; the
+    starting vector comes from the same seed on every rank.
+    """
+    N, D = X.shape
+    v = np.random.default_rng(seed).normal(size=D + int(fit_intercept))
+    lam = 0.0
+    for _ in range(iterations):
+        v /= np.linalg.norm(v)
+        u = X @ v[:D] + (v[D] if fit_intercept else 0.0)
+        u *= row_scale
+        w = X.T @ u
+        if fit_intercept:
+            w = np.append(w, u.sum())
+        w = reducer.sum(w, "power iteration")
+        lam = float(np.linalg.norm(w))
+        v = w
+        if lam == 0.0:
+            break
+    return 1.1 * 0.5 * lam + float(alpha) + 1e-12
+
+
+class _Curve:
+    """Objective per iteration on every rank; ``verbose`` prints on rank 0 only; the callback runs on every rank."""
+
+    def __init__(self, estimator, rank: int):
+        self.values: list[float] = []
+        self.estimator, self.rank = estimator, rank
+
+    def __call__(self, objective: float) -> None:
+        self.values.append(float(objective))
+        n = len(self.values)
+        if self.estimator.verbose and self.rank == 0:
+            print(f"SoftmaxClassifier[{self.estimator.solver}, data parallel] iteration {n}: objective "
+                  f"{objective:.8f}", file=sys.stdout)
+        if self.estimator.callback is not None:
+            self.estimator.callback(n, float(objective))
+
+
+def _fit_lbfgs(est, X64, X32, target, row_scale, W, b, reducer, curve):
+    """The single-process estimator's L-BFGS-B schedule, on the all-reduced objective."""
+    import scipy.optimize
+
+    from softgrad import _classifier
+
+    D, C = W.shape
+    theta = _classifier._pack(W, b)
+
+    def record(intermediate_result):  # SciPy passes an OptimizeResult to a parameter of this name
+        curve(intermediate_result.fun)
+
+    def run(fun, start, maxiter, ftol):
+        return scipy.optimize.minimize(
+            fun, start, method="L-BFGS-B", jac=True, callback=record,
+            options={"maxiter": int(maxiter), "maxls": 50, "gtol": est.tol, "ftol": ftol})
+
+    if X32 is not None:
+        f32 = _ShardObjective(X32, target, row_scale, est.alpha, C, b is not None, reducer)
+        theta = run(f32, theta, est.max_iter, 1e-7).x  # float32 phase, finished in float64 below
+    f64 = _ShardObjective(X64, target, row_scale, est.alpha, C, b is not None, reducer)
+    remaining = est.max_iter - len(curve.values)
+    objective, grad = f64(theta)
+    converged = False
+    if np.max(np.abs(grad)) <= est.tol:
+        converged = True
+    elif remaining > 0:
+        res = run(f64, theta, remaining, _classifier._FTOL)
+        theta = res.x
+        objective, grad = f64(theta)
+        converged = res.status == 0
+    W, b = _classifier._unpack(theta, D, C, b is not None)
+    return W, b, objective, converged
+
+
+def _fit_gd(est, X, target, row_scale, W, b, reducer, curve):
+    """The single-process estimator's gradient descent (same step rule and schedule) on the all-reduced objective."""
+    from softgrad import _classifier
+
+    D, C = W.shape
+    fun = _ShardObjective(X, target, row_scale, est.alpha, C, b is not None, reducer)
+    if est.learning_rate == "auto":
+        eta0 = eta = 1.0 / _lipschitz_bound(X, row_scale, est.alpha, b is not None, reducer)
+    else:
+        eta0 = eta = float(est.learning_rate)
+
+    def evaluate(W, b):
+        J, grad = fun(_classifier._pack(W, b))
+        return J, grad[:D * C].reshape(D, C), (grad[D * C:] if b is not None else None)
+
+    objective, gW, gb = evaluate(W, b)
+    previous = math.inf
+    converged = False
+    for t in range(est.max_iter):
+        if _classifier._max_abs(gW, gb) <= est.tol:
+            converged = True
+            break
+        W -= eta * gW
+        if b is not None:
+            b -= eta * gb
+        new_objective, gW, gb = evaluate(W, b)
+        curve(new_objective)
+        previous, objective = objective, new_objective
+        eta = est._scheduled(eta0, eta, t, objective, previous)
+    else:
+        converged = _classifier._max_abs(gW, gb) <= est.tol
+    return W, b, objective, converged
+
+
+def _local_checks(est, X_shard, y_shard, sample_weight):
+    """Everything a rank can check alone; returns ``(X, y, s)`` (``s`` float64 ``(N_k,)`` or None)."""
+    from sklearn.utils.multiclass import check_classification_targets
+    from sklearn.utils.validation import validate_data
+
+    est._validate_params()
+    if est.solver == "sgd":
+        raise ValueError("estimator.solver='sgd' is not supported by fit_data_parallel: its mini-batches would "
+                         "depend on how the rows are split; use solver='lbfgs' or 'gd' (full-batch, deterministic)")
+    X, y = validate_data(est, X_shard, y_shard, accept_sparse=False, dtype=[np.float64, np.float32], order="C",
+                         ensure_min_samples=0)
+    check_classification_targets(y)
+    s = None
+    if sample_weight is not None:
+        s = np.asarray(sample_weight)
+        if s.ndim == 0:
+            s = np.full(X.shape[0], s)
+        if s.dtype == object or not np.issubdtype(s.dtype, np.number) or np.iscomplexobj(s):
+            raise TypeError(f"sample_weight must be an array of real numbers, got dtype {s.dtype}")
+        if s.shape != (X.shape[0],):
+            raise ValueError(f"sample_weight must have shape ({X.shape[0]},) (one per row of X_shard), got {s.shape}")
+        s = s.astype(np.float64)
+        if not np.isfinite(s).all():
+            raise ValueError("sample_weight contains NaN or infinity")
+        if (s < 0).any():
+            raise ValueError("sample_weight contains negative values")
+    return X, y, s
+
+
+def _params_key(est) -> int:
+    params = {k: v for k, v in est.get_params().items() if k not in ("callback", "verbose")}
+    return zlib.crc32(repr(sorted(params.items(), key=lambda kv: kv[0])).encode())
+
+
+def _agree(est, X_shard, y_shard, sample_weight, group, world):
+    """Local checks on every rank, then one all-gather: every rank raises the same error, or none does."""
+    X = y = s = None
+    failure = None
+    try:
+        X, y, s = _local_checks(est, X_shard, y_shard, sample_weight)
+    except (TypeError, ValueError) as exc:
+        failure = exc
+    info = {"error": None if failure is None else (type(failure).__name__, str(failure)),
+            "params": _params_key(est), "classes": None, "n_features": None, "feature_names": None}
+    if failure is None:
+        info["classes"] = np.unique(y) if y.shape[0] else y[:0]
+        info["n_features"] = X.shape[1]
+        names = getattr(est, "feature_names_in_", None)
+        info["feature_names"] = None if names is None else [str(n) for n in names]
+    infos = _comm.all_gather_object(info, group, world, "classes and input checks")
+    if failure is not None:
+        raise failure
+    rejected = [(r, other["error"]) for r, other in enumerate(infos) if other["error"] is not None]
+    if rejected:
+        r, (kind, message) = rejected[0]
+        raise (TypeError if kind == "TypeError" else ValueError)(
+            f"fit_data_parallel: rank {r} rejected its input: {message}")
+    if len({other["params"] for other in infos}) != 1:
+        raise ValueError("estimator: the ranks' estimators have different parameters; every rank must fit the same "
+                         "SoftmaxClassifier configuration")
+    widths = [other["n_features"] for other in infos]
+    if len(set(widths)) != 1:
+        raise ValueError(f"X_shard: ranks hold different numbers of features {widths} (rank order)")
+    if len({repr(other["feature_names"]) for other in infos}) != 1:
+        raise ValueError("X_shard: ranks hold different feature names; pass the same columns on every rank")
+    parts = [other["classes"] for other in infos if other["classes"].shape[0]]
+    if not parts:
+        raise ValueError("X_shard: every rank's shard is empty; there are no rows to fit")
+    kinds = {"number" if p.dtype.kind in "biuf" else p.dtype.kind for p in parts}
+    if len(kinds) > 1:
+        raise ValueError(f"y_shard: the ranks hold labels of different types ({[str(p.dtype) for p in parts]}); "
+                         "use one label type on every rank")
+    try:
+        classes = np.unique(np.concatenate(parts))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"y_shard: the ranks' labels cannot be sorted together ({exc}); use one label type on "
+                         "every rank") from exc
+    return X, y, s, classes
+
+
+def fit_data_parallel(estimator, X_shard, y_shard, *, group=None, sample_weight=None):
+    r"""Fit ``estimator`` on the rows of all ranks, each rank holding a shard of them.
+
+    Every rank of ``group`` calls this with the same :class:`~softgrad.SoftmaxClassifier`
+    configuration and its own rows ``X_shard``, ``y_shard`` (uneven sizes, even empty, and
+    shards that lack some classes are fine). Each rank evaluates the objective and gradient of
+    its rows; one float64 all-reduce per evaluation sums them, so every rank runs the same
+    solver on the objective of the concatenated rows,
+
+    .. math::
+
+        J(W, b) = \sum_k \sum_{i \in S_k} r_i \Big(\log\sum_c e^{z_{ic}} - z_{i y_i}\Big)
+                  + \frac{\alpha}{2}\lVert W\rVert_F^2, \qquad r_i = s_i / \textstyle\sum_{\text{all } j} s_j,
+
+    and returns a normal fitted estimator on every rank: ``classes_`` (the sorted union of
+    all ranks' labels), ``coef_``, ``intercept_``, ``n_iter_``, ``loss_curve_``,
+    ``objective_``, ``n_features_in_``; it predicts, scores, saves and pickles like one fitted
+    by ``fit``. For ``solver="lbfgs"`` and ``"gd"`` (deterministic, full-batch) the model
+    equals ``estimator.fit(X, y, sample_weight)`` on the concatenated rows up to the rounding
+    of the sums (tested to 1e-8). ``class_weight`` (``"balanced"`` uses the global class
+    counts), ``warm_start``, ``precision``, ``tol``, ``max_iter`` and the ``gd`` step rules
+    behave as in ``fit``. ``verbose`` prints on rank 0; ``callback`` runs on every rank.
+
+    Communication: one all-gather of the ranks' label sets and input checks (pickled,
+    small), three all-reduces of ``C + 1`` numbers (class counts, weight sums), ``30``
+    all-reduces of ``D + 1`` for ``gd``'s automatic step, then one all-reduce of
+    ``1 + D C + C`` float64 per objective evaluation, and a final broadcast of the weights.
+
+    Args:
+        estimator: a :class:`softgrad.SoftmaxClassifier` with ``solver`` ``"lbfgs"`` or ``"gd"``;
+            fitted in place.
+        X_shard: array-like ``(N_k, D)`` of finite numbers, this rank's rows (``N_k >= 0``).
+        y_shard: array-like ``(N_k,)`` labels of those rows.
+        group: the process group (default: the world group of ``torch.distributed``).
+        sample_weight: ``None`` or array-like ``(N_k,)`` non-negative weights of this rank's rows.
+
+    Returns:
+        ``estimator``, fitted (the same model on every rank).
+
+    Raises:
+        RuntimeError: ``torch.distributed`` is not initialised; the ranks ended with different
+            weights (not expected: the solvers are deterministic).
+        TypeError: ``estimator`` is not a ``SoftmaxClassifier``; and, on every rank, a rank's
+            non-numeric ``sample_weight`` or sparse ``X_shard``.
+        ValueError: on every rank, when any rank's input is invalid (the message names the
+            rank): ``solver="sgd"``, invalid parameters, NaN/inf in ``X_shard``, mismatched
+            lengths, continuous labels, different features or parameters on different ranks,
+            labels that cannot be sorted together, fewer than two classes (with positive
+            weight) over all ranks, weights summing to zero.
+        softgrad.distributed.CollectiveError: a peer exited, crashed or timed out.
+
+    Examples:
+        >>> import torch.distributed as dist
+        >>> from sklearn.datasets import load_iris
+        >>> from softgrad import SoftmaxClassifier
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> X, y = load_iris(return_X_y=True)
+        >>> clf = fit_data_parallel(SoftmaxClassifier(alpha=1e-2), X, y)  # one rank: all rows
+        >>> ref = SoftmaxClassifier(alpha=1e-2).fit(X, y)
+        >>> bool(abs(clf.coef_ - ref.coef_).max() < 1e-8)
+        True
+        >>> dist.destroy_process_group()
+
+        Under ``torchrun --nproc_per_node=P``, rank ``r`` passes its rows, e.g.
+        ``fit_data_parallel(clf, X[r::P], y[r::P])``; see ``examples/train_data_parallel.py``.
+    """
+    from sklearn.exceptions import ConvergenceWarning
+
+    from softgrad import _classifier
+
+    if not isinstance(estimator, _classifier.SoftmaxClassifier):
+        raise TypeError(f"estimator must be a softgrad.SoftmaxClassifier, got {type(estimator).__name__}")
+    group, rank, world = _comm.resolve_group(group)
+    est = estimator
+    X, y, s, classes = _agree(est, X_shard, y_shard, sample_weight, group, world)
+    reducer = _Reducer(group, rank, world)
+    C = classes.shape[0]
+    if C < 2:
+        raise ValueError("SoftmaxClassifier needs samples of at least 2 classes in y; the ranks' data together "
+                         f"contain only one class: {classes[0]!r}")
+    target = np.ascontiguousarray(np.searchsorted(classes, y), dtype=np.int64).reshape(-1)
+    N, D = X.shape
+    s = np.ones(N) if s is None else s
+    counts = np.bincount(target, minlength=C).astype(np.float64)
+    if est.class_weight is not None:
+        if est.class_weight == "balanced":
+            # n_samples / (n_classes * count_c), with the counts of all ranks (scikit-learn's rule)
+            counts_all = reducer.sum(counts, "class counts")
+            class_w = counts_all.sum() / (C * counts_all)
+        else:
+            from sklearn.utils.class_weight import compute_class_weight
+
+            class_w = compute_class_weight(est.class_weight, classes=classes, y=classes)
+        s = s * class_w[target]
+    stats = reducer.sum(np.append(np.bincount(target, weights=s, minlength=C), counts.sum()), "class weights")
+    per_class, n_total = stats[:C], stats[C]
+    if not per_class.sum() > 0:
+        raise ValueError("sample_weight (times class_weight) sums to zero over all ranks: nothing to fit")
+    present = per_class > 0
+    if present.sum() < 2:
+        raise ValueError("SoftmaxClassifier needs at least 2 classes with positive sample_weight; the weights of all "
+                         f"ranks leave only the class {classes[np.flatnonzero(present)[0]]!r}")
+    row_scale = s / per_class.sum()
+
+    W, b = est._initial_weights(classes, D)
+    precision = est.precision
+    if precision == "auto":
+        precision = "mixed" if est.solver == "lbfgs" and n_total * D * C >= _classifier._MIXED_MIN_WORK else "float64"
+    curve = _Curve(est, rank)
+    X64 = X.astype(np.float64, copy=False)
+    if est.solver == "lbfgs":
+        X32 = None
+        if precision == "mixed":
+            X32 = X if X.dtype == np.float32 else X.astype(np.float32)
+        W, b, objective, converged = _fit_lbfgs(est, X64, X32, target, row_scale, W, b, reducer, curve)
+    else:
+        W, b, objective, converged = _fit_gd(est, X64, target, row_scale, W, b, reducer, curve)
+
+    # every rank ran the same solver on the same numbers; make sure they ended in the same place
+    theta = _classifier._pack(W, b)
+    mine = torch.from_numpy(np.append(theta, [objective, len(curve.values)])).to(reducer.device)
+    first = _comm.broadcast(mine.clone(), 0, group, "fitted weights")
+    if not torch.equal(first, mine):
+        raise RuntimeError("fit_data_parallel: the ranks ended with different weights; the all-reduced objective "
+                           "was not identical on every rank")
+    if not converged:
+        warnings.warn(
+            f"SoftmaxClassifier(solver={est.solver!r}) did not converge within max_iter={est.max_iter} iterations "
+            f"(tol={est.tol}) in fit_data_parallel; increase max_iter or tol, or standardise X.",
+            ConvergenceWarning, stacklevel=2)
+    est.classes_ = classes
+    est.coef_ = np.ascontiguousarray(W.T, dtype=np.float64)
+    est.intercept_ = np.zeros(C) if b is None else np.asarray(b, dtype=np.float64).copy()
+    est.loss_curve_ = np.asarray(curve.values, dtype=np.float64)
+    est.n_iter_ = int(est.loss_curve_.shape[0])
+    est.objective_ = float(objective)
+    return est

@@ -1,0 +1,570 @@
+r"""Vocabulary-parallel cross-entropy: each rank holds a block of columns of the logits.
+
+Layout. The ``P`` ranks of a process group hold contiguous, possibly uneven, blocks of the
+``V`` classes in rank order: rank ``k`` holds columns ``[o_k, o_k + V_k)`` with
+``o_k = V_0 + ... + V_{k-1}`` and ``V = sum_k V_k`` (``V_k = 0`` is allowed). The layout
+is not passed in: one all-gather of a few integers per call (:func:`_agree`) gives every rank
+every width, and carries what the ranks must agree on (rows, dtype, options, a checksum of the
+target, the local input checks), so a bad input on one rank raises the same ``ValueError``
+on every rank instead of leaving the others blocked in the next collective.
+
+Per row, shard ``k`` reduces its own columns with the fused row kernels
+(``row_stats`` of :mod:`softgrad.torch._torch_cross_entropy` on CPU, of
+:mod:`softgrad.torch._triton_cross_entropy` on CUDA) to ``RowStats``: ``m_k`` (max of the
+softcapped logits ``s``), ``log d_k = log sum_c exp(s_c - m_k)``, ``s_y`` (if ``y`` is in the
+shard, else 0), and with label smoothing or probability targets ``dot_k = sum_c u_c (s_c - m_k)``
+and ``mass_k = sum_c u_c`` (``u`` as in the kernel module). Two all-reduces of ``O(N)``
+numbers combine them::
+
+    M       = max_k m_k                                             all_reduce(MAX): N numbers
+    D       = sum_k exp(m_k - M + log d_k)                          \
+    s_y     = sum_k s_y,k           (index targets)                  |
+    w_y     = sum_k w_y,k           (index targets, sharded weight)  |  one all_reduce(SUM)
+    dot_M   = sum_k dot_k + mass_k (m_k - M)                         |  of an (N, <=5) block
+    mass    = sum_k mass_k                                           /
+    lse     = M + log D
+
+(``m_k = -inf``, a shard whose row is all ``-inf``, counts as 0 in the exponent and in the
+``dot`` shift, as the kernels do.) Then every rank has the whole row's loss, written relative
+to ``M`` as in the fused kernel::
+
+    index:        ce = (1 - eps) w_y (M - s_y + log D) + (eps / V) (mass log D - dot_M)
+    probability:  ce = mass log D - dot_M
+
+and the per-row coefficients of the closed-form gradient
+``g_c = (alpha a_c - beta [c = y] - gamma u_c) (1 - tanh^2(z_c / cap))`` with
+``a_c = exp(s_c - lse)`` (the derivation is in the kernel module's docstring)::
+
+    index:        alpha = kappa ((1 - eps) w_y + (eps / V) mass) + 2 zeta zl lse,
+                  beta  = kappa (1 - eps) w_y,   gamma = kappa eps / V
+    probability:  alpha = kappa mass + 2 zeta zl lse,   beta = 0,   gamma = kappa
+
+(``kappa``, ``zeta``: the reduction factors of the cross-entropy and of the z-loss; 0 for
+ignored rows). The backward needs no communication: each rank writes the gradient of its own
+columns with ``grad_pass`` from ``lse`` and the coefficients times ``grad_output``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import zlib
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from softgrad.distributed import _comm
+from softgrad.torch import _cross_entropy
+from softgrad.torch._cross_entropy import CrossEntropyOutput
+
+__all__ = ["vocab_parallel_cross_entropy"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- agreement between ranks
+class Layout(NamedTuple):
+    """Where this rank's columns sit in the full row, agreed by all ranks."""
+
+    offset: int  #: o_k, the first global class of this rank's shard
+    width: int  #: V_k, columns on this rank (may be 0)
+    num_classes: int  #: V, the full number of classes
+    widths: tuple  #: every rank's V_k, in group rank order
+    all_full_weight: bool  #: every rank passed the full (V,) weight (w_y needs no communication)
+
+
+_META = ("rows", "width", "prob", "dtype", "options", "target_sum", "target_min", "target_max", "bad_target",
+         "weight_len", "bad_weight", "extra")
+
+
+def _target_checksum(target: Tensor) -> Tensor:
+    """An int64 checksum of the row targets, position-weighted, so that any differing ranks disagree."""
+    n = target.shape[0]
+    position = torch.arange(n, device=target.device, dtype=torch.int64) % 65521 + 1
+    return (target.to(torch.int64) * position).sum()
+
+
+def _agree(group, rank: int, world: int, *, rows: int, width: int, prob: bool, dtype: torch.dtype, options: tuple,
+           target: Tensor, ignore_index: int, weight: Tensor | None, extra: int, device: torch.device,
+           what: str) -> Layout:
+    """All-gather a few integers per rank, check them identically on every rank, and return the layout.
+
+    The checks run on the gathered table, which is the same on every rank, so every rank
+    raises the same exception (naming the argument and the rank) or none does.
+    """
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    if prob:
+        target_sum, t_min, t_max = zero, zero, zero
+        bad_target = ((target < 0) | ~torch.isfinite(target)).any().to(torch.int64)
+    else:
+        kept = torch.where(target != ignore_index, target, torch.zeros_like(target))
+        target_sum = _target_checksum(target)
+        t_min, t_max = (kept.min(), kept.max()) if rows else (zero, zero)
+        bad_target = zero
+    bad_weight = zero if weight is None else (~torch.isfinite(weight).all()).to(torch.int64)
+    scalars = [rows, width, int(prob), _FLOAT_DTYPES.index(dtype), zlib.crc32(repr(options).encode()),
+               target_sum, t_min, t_max, bad_target, -1 if weight is None else weight.shape[0], bad_weight, extra]
+    meta = torch.stack([torch.as_tensor(v, dtype=torch.int64, device=device) for v in scalars])
+    table = _comm.all_gather_rows(meta, group, world, f"{what} layout and checks").tolist()  # one host sync
+    col = {name: [row[i] for row in table] for i, name in enumerate(_META)}
+
+    def same(name: str) -> bool:
+        return len(set(col[name])) == 1
+
+    if not same("rows"):
+        raise ValueError(f"{what}: ranks disagree on the number of rows N: {col['rows']} (rank order); every rank "
+                         "must hold all N rows of its columns")
+    if not same("dtype"):
+        raise ValueError(f"{what}: ranks pass different dtypes: {[str(_FLOAT_DTYPES[i]) for i in col['dtype']]}")
+    if not same("prob"):
+        raise ValueError("target: some ranks pass class indices and others class probabilities")
+    if not same("options"):
+        raise ValueError("ranks pass different options (ignore_index, reduction, label_smoothing, z_loss, softcap "
+                         "or bias); every rank must call with the same ones")
+    if not same("extra"):
+        raise ValueError(f"{what}: ranks disagree on the hidden size or bias: {col['extra']}")
+    widths = tuple(col["width"])
+    num_classes = sum(widths)
+    if num_classes < 1:
+        raise ValueError(f"{what}: the shards hold no classes at all (widths {list(widths)})")
+    if prob:
+        bad = [r for r, flag in enumerate(col["bad_target"]) if flag]
+        if bad:
+            raise ValueError(f"target (class probabilities) contains negative, NaN or infinite entries "
+                             f"(on rank {bad[0]})")
+    else:
+        if not same("target_sum"):
+            raise ValueError("target differs between ranks; every rank must pass the same (N,) class indices")
+        low, high = col["target_min"][0], col["target_max"][0]
+        if low < 0 or high >= num_classes:
+            value = low if low < 0 else high
+            raise ValueError(f"target contains class index {value} outside [0, {num_classes}) or "
+                             f"ignore_index={ignore_index}")
+    lens = col["weight_len"]
+    all_full = False
+    if any(n >= 0 for n in lens):
+        for r, (n, w) in enumerate(zip(lens, widths)):
+            if n < 0:
+                raise ValueError(f"weight: rank {r} passes none while other ranks pass class weights")
+            if n not in (num_classes, w):
+                raise ValueError(f"weight on rank {r} has {n} entries; pass the full ({num_classes},) class weights "
+                                 f"or that rank's shard of them ({w},)")
+        bad = [r for r, flag in enumerate(col["bad_weight"]) if flag]
+        if bad:
+            raise ValueError(f"weight contains NaN or infinite entries (on rank {bad[0]})")
+        all_full = all(n == num_classes for n in lens)
+    return Layout(sum(widths[:rank]), widths[rank], num_classes, widths, all_full)
+
+
+# ----------------------------------------------------------------------------- per-row combination
+class Combined(NamedTuple):
+    """The whole rows' quantities, identical on every rank, each ``(N,)`` in the compute dtype."""
+
+    lse: Tensor  #: logsumexp of the full (softcapped) row
+    ce: Tensor  #: per-row cross-entropy (0 for ignored rows), without the z-loss
+    z_rows: Tensor  #: per-row z-loss zl * lse^2 (0 for ignored rows)
+    coeffs: Tensor  #: (N, 3) alpha, beta, gamma with the reduction's factors (see the module docstring)
+    loss: Tensor  #: the reduced loss ("none": per row), z-loss included
+    z_part: Tensor  #: the z-loss part of ``loss``, reduced the same way
+
+
+def _local_stats(logits: Tensor, target: Tensor, weight: Tensor | None, layout: Layout, *, label_smoothing: float,
+                 softcap: float | None, prob: bool, need_dot: bool):
+    """``RowStats`` of this rank's columns (a zero-width shard contributes nothing)."""
+    n_rows = logits.shape[0]
+    cdt = _compute_dtype(logits.dtype)
+    if layout.width == 0:
+        neg = torch.full((n_rows,), -math.inf, dtype=cdt, device=logits.device)
+        zeros = torch.zeros(n_rows, dtype=cdt, device=logits.device)
+        return neg, neg.clone(), zeros, zeros.clone(), zeros.clone()
+    module, config = _cross_entropy._backend(_cross_entropy._OPTIONS["kernel"], logits.device)
+    extra = {} if config is None else {"config": config}
+    return tuple(module.row_stats(logits, target, weight, class_offset=layout.offset,
+                                  num_classes=layout.num_classes, label_smoothing=label_smoothing, softcap=softcap,
+                                  prob_target=prob, need_dot=need_dot, **extra))
+
+
+def _local_target_weight(target: Tensor, weight: Tensor | None, layout: Layout, cdt: torch.dtype) -> Tensor:
+    """``w_y`` of the rows whose target class lies in this shard (0 elsewhere); ``weight`` is the shard's slice."""
+    local = target - layout.offset
+    here = (local >= 0) & (local < layout.width)
+    if layout.width == 0:
+        return torch.zeros(target.shape[0], dtype=cdt, device=target.device)
+    picked = weight.to(cdt)[torch.where(here, local, torch.zeros_like(local))]
+    return torch.where(here, picked, torch.zeros_like(picked))
+
+
+def _combine(stats, target: Tensor, weight_shard: Tensor | None, weight_full: Tensor | None, layout: Layout,
+             group, *, prob: bool, ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
+             need_dot: bool, what: str) -> Combined:
+    """The two all-reduces of the module docstring, then loss, lse and gradient coefficients."""
+    m_k, log_d_k, s_y_k, dot_k, mass_k = stats
+    n_rows = m_k.shape[0]
+    cdt = m_k.dtype
+    eps = float(label_smoothing)
+    V = layout.num_classes
+    zero = torch.zeros((), dtype=cdt, device=m_k.device)
+
+    M = _comm.all_reduce(m_k.clone(), "max", group, f"{what} row max")
+    M_safe = torch.where(torch.isneginf(M), zero, M)  # a row that is -inf everywhere keeps d = 0
+    m_safe = torch.where(torch.isneginf(m_k), zero, m_k)  # the kernels' shift for an all -inf shard row
+    columns = [torch.exp(m_safe - M_safe + log_d_k)]
+    if not prob:
+        columns.append(s_y_k)
+    sharded_weight = not prob and weight_shard is not None and weight_full is None
+    if sharded_weight:
+        columns.append(_local_target_weight(target, weight_shard, layout, cdt))
+    if need_dot:
+        # dot relative to the global max: sum_c u_c (s_c - M) = dot_k + mass_k (m_k - M); 0 where mass_k = 0
+        columns.append(torch.where(mass_k == 0, dot_k, dot_k + mass_k * (m_safe - M_safe)))
+        columns.append(mass_k)
+    block = _comm.all_reduce(torch.stack(columns, dim=1).contiguous(), "sum", group, f"{what} row sums")
+    sums = iter(block.unbind(dim=1))
+    d = next(sums)
+    log_d = torch.log(d)
+    lse = M_safe + log_d
+
+    if prob:
+        dot_m, mass = next(sums), next(sums)
+        valid = None
+        ce = mass * log_d - dot_m
+        count = torch.full((), n_rows, dtype=cdt, device=m_k.device)
+        denom = count
+    else:
+        s_y = next(sums)
+        valid = target != ignore_index
+        if weight_full is not None:
+            w_y = weight_full.to(cdt)[torch.where(valid, target, torch.zeros_like(target))]
+        elif sharded_weight:
+            w_y = next(sums)
+        else:
+            w_y = torch.ones(n_rows, dtype=cdt, device=m_k.device)
+        c1 = (1.0 - eps) * w_y
+        # (M - s_y) + log D = lse - s_y without cancelling a large common offset of the logits
+        ce = torch.where(c1 == 0, zero, c1 * ((M_safe - s_y) + log_d))
+        if need_dot:
+            dot_m, mass = next(sums), next(sums)
+            ce = ce + (eps / V) * (mass * log_d - dot_m)
+        ce = torch.where(valid, ce, zero)
+        count = valid.sum().to(cdt)
+        denom = torch.where(valid, w_y, zero).sum() if weight_shard is not None else count
+
+    if reduction == "mean":
+        kappa = torch.where(denom != 0, 1.0 / denom, zero)
+        zeta = torch.where(count != 0, 1.0 / count, zero)
+    else:
+        kappa = zeta = torch.ones((), dtype=cdt, device=m_k.device)
+    if prob:
+        alpha, beta, gamma = kappa * mass, torch.zeros_like(lse), kappa.expand(n_rows)
+    else:
+        alpha = kappa * (c1 + (eps / V) * mass) if need_dot else kappa * c1
+        beta, gamma = kappa * c1, (kappa * (eps / V)).expand(n_rows)
+    if z_loss:
+        alpha = alpha + 2.0 * z_loss * zeta * lse
+    coeffs = torch.stack([alpha, beta, gamma], dim=1)
+    if valid is not None:
+        coeffs = coeffs * valid.to(cdt)[:, None]
+
+    z_rows = z_loss * lse * lse if z_loss else torch.zeros_like(lse)
+    if z_loss and valid is not None:
+        z_rows = torch.where(valid, z_rows, zero)
+    if reduction == "none":
+        loss, z_part = ce + z_rows, z_rows
+    elif reduction == "sum":
+        z_part = z_rows.sum()
+        loss = ce.sum() + z_part
+    else:
+        z_part = z_rows.sum() / count if z_loss else z_rows.sum()
+        loss = ce.sum() / denom + z_part
+    return Combined(lse, ce, z_rows, coeffs, loss, z_part)
+
+
+def _check_rows(lse: Tensor, what: str) -> None:
+    """Raise on rows whose full softmax is undefined; ``lse`` is identical on every rank, so all raise."""
+    bad = ~torch.isfinite(lse)
+    if bool(bad.any()):  # one host sync
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{what} contain NaN or +inf, or a row that is -inf on every rank ({int(bad.sum())} "
+                         f"row(s), first at row {first}); the softmax of such a row is undefined")
+
+
+def _scaled_coeffs(coeffs: Tensor, grad_loss: Tensor) -> Tensor:
+    """The coefficients of the gradient of ``grad_loss * loss`` (per row for ``reduction="none"``)."""
+    factor = grad_loss.to(coeffs.dtype)
+    return coeffs * (factor if factor.dim() == 0 else factor.reshape(-1, 1))
+
+
+# ----------------------------------------------------------------------------- autograd
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Forward: local stats, two all-reduces, loss. Backward: ``grad_pass`` on the local columns only."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight_shard, weight_full, layout, group, ignore_index, reduction,
+                label_smoothing, z_loss, softcap, inplace_backward):
+        prob = target.is_floating_point()
+        need_dot = prob or label_smoothing > 0.0
+        with torch.autocast(logits.device.type, enabled=False):
+            stats = _local_stats(logits, target, weight_shard, layout, label_smoothing=label_smoothing,
+                                 softcap=softcap, prob=prob, need_dot=need_dot)
+            out = _combine(stats, target, weight_shard, weight_full, layout, group, prob=prob,
+                           ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                           z_loss=z_loss, need_dot=need_dot, what="vocab_parallel_cross_entropy")
+        _check_rows(out.lse, "logits")
+        ctx.mark_non_differentiable(out.z_part, out.lse)
+        ctx.set_materialize_grads(False)
+        ctx.layout, ctx.prob, ctx.reduction = layout, prob, reduction
+        ctx.label_smoothing, ctx.softcap, ctx.inplace = label_smoothing, softcap, inplace_backward
+        ctx.consumed = False
+        ctx.save_for_backward(logits, target, weight_shard, out.lse, out.coeffs)
+        return out.loss, out.z_part, out.lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_z, _grad_lse):
+        if grad_loss is None:
+            return (None,) * 12
+        logits, target, weight_shard, lse, coeffs = ctx.saved_tensors
+        layout = ctx.layout
+        grad_logits = grad_target = None
+        if ctx.prob and ctx.needs_input_grad[1]:
+            # d loss / d t_c = -(1 - eps) w_c log softmax(s)_c: local given the global lse
+            grad_target = _cross_entropy._target_grad(logits, target, weight_shard, lse, grad_loss, ctx.reduction,
+                                                      ctx.label_smoothing, ctx.softcap)
+        if ctx.needs_input_grad[0]:
+            if ctx.inplace:
+                if ctx.consumed:
+                    raise RuntimeError("vocab_parallel_cross_entropy(inplace_backward=True) wrote the gradient over "
+                                       "the logits in the first backward; a second backward (retain_graph=True) "
+                                       "would read it as logits. Use inplace_backward=False.")
+                ctx.consumed = True
+                grad_logits = logits
+            else:
+                grad_logits = torch.empty_like(logits)
+            if layout.width:
+                module, config = _cross_entropy._backend(_cross_entropy._OPTIONS["kernel"], logits.device)
+                extra = {} if config is None else {"config": config}
+                # g_c = (alpha a_c - beta [c = y] - gamma u_c) (1 - tanh^2): the module docstring
+                module.grad_pass(logits, target, weight_shard, lse, _scaled_coeffs(coeffs, grad_loss), grad_logits,
+                                 class_offset=layout.offset, num_classes=layout.num_classes,
+                                 label_smoothing=ctx.label_smoothing, softcap=ctx.softcap, prob_target=ctx.prob,
+                                 **extra)
+        return (grad_logits, grad_target) + (None,) * 10
+
+
+# ----------------------------------------------------------------------------- validation
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap) -> None:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not _is_real(label_smoothing):
+        raise TypeError(f"label_smoothing must be a float in [0, 1], got {type(label_smoothing).__name__}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not _is_real(z_loss):
+        raise TypeError(f"z_loss must be a float >= 0, got {type(z_loss).__name__}")
+    if not (z_loss >= 0.0 and math.isfinite(z_loss)):
+        raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss}")
+    if softcap is not None:
+        if not _is_real(softcap):
+            raise TypeError(f"softcap must be None or a float > 0, got {type(softcap).__name__}")
+        if not (softcap > 0.0 and math.isfinite(softcap)):
+            raise ValueError(f"softcap must be None or a finite float > 0, got {softcap}")
+
+
+def _validate(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, return_lse,
+              inplace_backward) -> bool:
+    """Local type/shape/option checks (no communication); returns whether targets are probabilities."""
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits_shard must be a torch.Tensor, got {type(logits).__name__}")
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"logits_shard must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits_shard must have shape (N, V_shard) (flatten batch dimensions first), got "
+                         f"{tuple(logits.shape)}")
+    if logits.shape[0] == 0:
+        raise ValueError("logits_shard has no rows (shape (0, V_shard)); need at least one row")
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits_shard is on {logits.device}")
+    prob = target.is_floating_point()
+    if prob:
+        if target.shape != logits.shape:
+            raise ValueError(f"target holds class probabilities (dtype {target.dtype}) and must be this rank's "
+                             f"columns of them, shape {tuple(logits.shape)}, got {tuple(target.shape)}")
+        if ignore_index != -100:
+            raise ValueError("ignore_index is not supported with probability targets (as in PyTorch); leave it at "
+                             f"-100, got {ignore_index}")
+    else:
+        if target.dtype == torch.bool or target.is_complex():
+            raise TypeError(f"target must hold integer class indices or float probabilities, got {target.dtype}")
+        if tuple(target.shape) != (logits.shape[0],):
+            raise ValueError(f"target must have shape ({logits.shape[0]},) (one global class index per row), got "
+                             f"{tuple(target.shape)}")
+    if weight is not None:
+        if not isinstance(weight, Tensor):
+            raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
+        if not weight.is_floating_point():
+            raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+        if weight.dim() != 1:
+            raise ValueError(f"weight must be 1-D: the full (V,) class weights or this rank's (V_shard,) slice, got "
+                             f"shape {tuple(weight.shape)}")
+        if weight.device != logits.device:
+            raise ValueError(f"weight is on {weight.device} but logits_shard is on {logits.device}")
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise ValueError("weight requires grad, but the cross-entropy has no gradient with respect to the class "
+                             "weights (neither has PyTorch's); pass weight.detach()")
+    _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    for name, value in (("return_lse", return_lse), ("inplace_backward", inplace_backward)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return prob
+
+
+# ----------------------------------------------------------------------------- public API
+def vocab_parallel_cross_entropy(
+    logits_shard: Tensor,
+    target: Tensor,
+    *,
+    group=None,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    inplace_backward: bool = False,
+) -> Tensor | CrossEntropyOutput:
+    r"""Cross-entropy of logits whose classes are split across the ranks of a process group.
+
+    Rank ``k`` of ``group`` holds the columns ``[o_k, o_k + V_k)`` of the ``(N, V)`` logits,
+    in rank order (``o_k = V_0 + ... + V_{k-1}``; widths may differ, ``V_k = 0`` included).
+    Every rank gets the loss of the *full* rows -- the same value on every rank -- and, in the
+    backward, the gradient of its own columns; both equal what
+    :func:`softgrad.torch.cross_entropy` (and, with ``z_loss=0`` and ``softcap=None``,
+    ``torch.nn.functional.cross_entropy``) gives on the unsharded logits, to float rounding.
+    Per row, with :math:`s = c \tanh(z / c)` under ``softcap=c`` (else :math:`s = z`),
+    :math:`\operatorname{lse} = \log \sum_{k < V} e^{s_k}`, :math:`p = s - \operatorname{lse}`:
+
+    .. math::
+
+        \ell = (1-\varepsilon)\, w_y (-p_y) + \frac{\varepsilon}{V} \sum_k w_k (-p_k)
+               + \zeta \operatorname{lse}^2 \qquad\text{(class index } y\text{)}
+
+    (probability targets :math:`t`: :math:`-\sum_k w_k((1-\varepsilon) t_k + \varepsilon/V) p_k
+    + \zeta \operatorname{lse}^2`). Reductions, ignored rows and the NaN of a mean over nothing
+    follow :func:`softgrad.torch.cross_entropy`.
+
+    Communication per call, all ``O(N)`` and independent of ``V``: one all-gather of 12 int64
+    per rank (layout and input checks), one max all-reduce of ``N`` numbers and one sum
+    all-reduce of an ``(N, k)`` block, ``k`` = 2 (+1 with per-shard class weights, +2 with label
+    smoothing; probability targets: 3), in float32 (float64 for float64 logits). The backward
+    communicates nothing. The local work is the fused row kernels of
+    :mod:`softgrad.torch` (Triton on CUDA, PyTorch ops on CPU): one read of the shard in the
+    forward, one read and one write in the backward.
+
+    Args:
+        logits_shard: ``(N, V_k)`` float16/bfloat16/float32/float64, this rank's columns;
+            ``-inf`` allowed. Same ``N`` and dtype on every rank.
+        target: ``(N,)`` integer global class indices in ``[0, V)`` or ``ignore_index``,
+            identical on every rank; or this rank's ``(N, V_k)`` columns of class probabilities
+            (floating, non-negative), which receive a gradient if they require one.
+        group: the process group (default: the world group of ``torch.distributed``).
+        weight: optional class weights, no gradient: the full ``(V,)`` vector (the same on
+            every rank; then ``w_y`` needs no communication) or this rank's ``(V_k,)`` slice.
+        ignore_index: index target of rows that contribute nothing (only -100 with
+            probability targets).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(N,)`` per-row losses).
+        label_smoothing: :math:`\varepsilon \in [0, 1]`, PyTorch's definition.
+        z_loss: :math:`\zeta \ge 0`, PaLM's auxiliary loss.
+        softcap: ``c > 0`` applies :math:`c \tanh(z / c)` to the logits first (Gemma 2).
+        return_lse: also return the per-row ``lse`` (``(N,)``, float32, float64 for float64)
+            and the z-loss part, as :class:`softgrad.torch.CrossEntropyOutput`.
+        inplace_backward: the backward writes the gradient over ``logits_shard``'s memory and
+            hands that buffer on (no ``(N, V_k)`` allocation); the logits must be C-contiguous
+            and not a leaf, and the graph can be back-propagated once.
+
+    Returns:
+        The loss in the logits' dtype (float32 under autocast for float16/bfloat16), equal on
+        every rank: a scalar, or ``(N,)`` for ``reduction="none"``; with ``return_lse=True`` a
+        :class:`~softgrad.torch.CrossEntropyOutput` ``(loss, lse, z_loss)``.
+
+    Raises:
+        RuntimeError: ``torch.distributed`` is not initialised.
+        TypeError: non-tensor arguments, unsupported dtypes, non-int ``ignore_index``,
+            non-real options, non-bool flags.
+        ValueError: shapes; options out of range; and, identically on every rank: ranks that
+            disagree on ``N``, dtype, options or target; a target class outside ``[0, V)``;
+            negative/non-finite probability targets or weights; a weight that is neither ``(V,)``
+            nor ``(V_k,)``; rows with NaN/``+inf`` logits or ``-inf`` on every rank.
+        softgrad.distributed.CollectiveError: a peer exited, crashed or timed out.
+
+    Examples:
+        >>> import torch.distributed as dist
+        >>> import torch.nn.functional as F
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> z = torch.randn(4, 10, generator=g, dtype=torch.float64, requires_grad=True)
+        >>> y = torch.tensor([1, 0, -100, 9])
+        >>> loss = vocab_parallel_cross_entropy(z, y, label_smoothing=0.1)  # a world of one rank holds all columns
+        >>> bool(torch.allclose(loss, F.cross_entropy(z, y, label_smoothing=0.1)))
+        True
+        >>> dist.destroy_process_group()
+
+        On ``P`` ranks (``torchrun --nproc_per_node=P``), with ``full_logits`` ``(N, V)``::
+
+            widths = [V // P + (r < V % P) for r in range(P)]          # any split works
+            start = sum(widths[:rank])
+            loss = vocab_parallel_cross_entropy(full_logits[:, start:start + widths[rank]], target)
+    """
+    prob = _validate(logits_shard, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                     return_lse, inplace_backward)
+    group, rank, world = _comm.resolve_group(group)
+    logits = logits_shard if logits_shard.stride(-1) == 1 or logits_shard.shape[1] <= 1 else logits_shard.contiguous()
+    target_rows = target.contiguous() if prob else target.to(torch.int64).contiguous()
+    with_grad = torch.is_grad_enabled() and logits_shard.requires_grad
+    if inplace_backward and with_grad:
+        if not logits_shard.is_contiguous():
+            raise ValueError("inplace_backward=True needs C-contiguous logits_shard to overwrite, got strides "
+                             f"{logits_shard.stride()}")
+        if logits_shard.is_leaf:
+            raise ValueError("inplace_backward=True would overwrite a leaf tensor that requires grad; pass logits "
+                             "computed from it (or inplace_backward=False)")
+        if prob and target.requires_grad:
+            raise ValueError("inplace_backward=True overwrites the logits that the probability target's gradient "
+                             "needs; use inplace_backward=False")
+    options = (int(ignore_index), reduction, float(label_smoothing), float(z_loss),
+               None if softcap is None else float(softcap))
+    layout = _agree(group, rank, world, rows=logits.shape[0], width=logits.shape[1], prob=prob, dtype=logits.dtype,
+                    options=options, target=target_rows, ignore_index=int(ignore_index), weight=weight, extra=0,
+                    device=logits.device, what="logits_shard")
+    weight_shard = weight_full = None
+    if weight is not None:
+        cdt = _compute_dtype(logits.dtype)
+        if layout.all_full_weight:
+            weight_full = weight.detach().to(cdt).contiguous()
+            weight_shard = weight_full[layout.offset:layout.offset + layout.width].contiguous()
+        elif weight.shape[0] == layout.num_classes and layout.width != layout.num_classes:
+            weight_shard = weight.detach().to(cdt)[layout.offset:layout.offset + layout.width].contiguous()
+        else:
+            weight_shard = weight.detach().to(cdt).contiguous()
+    loss, z_part, lse = _VocabParallelCrossEntropy.apply(
+        logits, target_rows, weight_shard, weight_full, layout, group, *options, bool(inplace_backward))
+    out_dtype = logits_shard.dtype
+    if out_dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(logits_shard.device.type):
+        out_dtype = torch.float32  # autocast runs cross-entropy in float32
+    loss = loss.to(out_dtype)
+    if not return_lse:
+        return loss
+    return CrossEntropyOutput(loss, lse, z_part.to(out_dtype))
