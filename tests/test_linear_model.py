@@ -22,14 +22,14 @@ from softgrad._linear_model import lipschitz_bound, objective_and_gradient, obje
 def _problem(rng, N=40, D=6, C=5, dtype=np.float64, weighted=True, scale=1.0):
     X = (scale * rng.normal(size=(N, D))).astype(dtype)
     y = rng.integers(0, C, size=N).astype(np.int64)
-    W = (0.5 * rng.normal(size=(D, C))).astype(dtype)
+    W = (0.5 * rng.normal(size=(C, D))).astype(dtype)
     b = (0.5 * rng.normal(size=C)).astype(dtype)
     s = rng.uniform(0.0, 3.0, size=N) if weighted else None
     return X, y, W, b, s
 
 
 def _fast(W, b, X, y, s, alpha):
-    N, C = X.shape[0], W.shape[1]
+    N, C = X.shape[0], W.shape[0]
     r = (np.ones(N) if s is None else s) / (N if s is None else s.sum())
     work = np.full((N, C), np.nan, dtype=X.dtype)  # contents must not matter
     return objective_and_gradient(W, b, X, y, r, alpha, work, np.empty(N))
@@ -78,36 +78,36 @@ def test_matches_sklearn_linear_model_loss(backend, rng):
     alpha = 0.05
     J, gW, gb = _fast(W, b, X, y, s, alpha)
     sk = LinearModelLoss(HalfMultinomialLoss(n_classes=4), fit_intercept=True)
-    coef = np.column_stack([W.T, b])  # (C, D + 1)
+    coef = np.column_stack([W, b])  # (C, D + 1)
     J_sk, g_sk = sk.loss_gradient(coef, X, y.astype(np.float64), sample_weight=s, l2_reg_strength=alpha)
     np.testing.assert_allclose(J, J_sk, rtol=1e-12)
-    np.testing.assert_allclose(gW, g_sk[:, :-1].T, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(gW, g_sk[:, :-1], rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(gb, g_sk[:, -1], rtol=1e-10, atol=1e-13)
 
 
 def test_matches_cs231n_teaching_function(backend, rng):
-    """``linear_softmax_loss`` adds ``reg * sum(W**2)``: our alpha equals 2 * reg."""
+    """``linear_softmax_loss`` adds ``reg * sum(W**2)`` and takes W as (D, C): alpha = 2 * reg, W transposed."""
     X, y, W, b, _ = _problem(rng, N=30, D=5, C=6, weighted=False)
     reg = 0.07
     J, gW, gb = _fast(W, b, X, y, None, 2 * reg)
     for method in ("vectorized", "naive"):
-        loss, dW, db = softgrad.linear_softmax_loss(W, X, y, reg, b=b, method=method)
+        loss, dW, db = softgrad.linear_softmax_loss(W.T, X, y, reg, b=b, method=method)
         np.testing.assert_allclose(J, float(loss), rtol=1e-12)
-        np.testing.assert_allclose(gW, dW, rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(gW, dW.T, rtol=1e-10, atol=1e-14)
         np.testing.assert_allclose(gb, db, rtol=1e-10, atol=1e-14)
 
 
 def test_zero_weights_give_log_c(backend, rng):
     """Seed 001's sanity check, exactly: W = 0 makes every class 1/C."""
     X, y, _, _, s = _problem(rng, C=10)
-    J, _, _ = _fast(np.zeros((6, 10)), np.zeros(10), X, y, s, 1.0)
+    J, _, _ = _fast(np.zeros((10, 6)), np.zeros(10), X, y, s, 1.0)
     np.testing.assert_allclose(J, np.log(10), rtol=1e-14)
 
 
 def test_inputs_unchanged_and_output_buffers_used(backend, rng):
     X, y, W, b, s = _problem(rng)
     copies = [a.copy() for a in (X, y, W, b, s)]
-    N, C = X.shape[0], W.shape[1]
+    N, C = X.shape[0], W.shape[0]
     gW_out, gb_out = np.empty_like(W), np.empty_like(b)
     _, gW, gb = objective_and_gradient(W, b, X, y, s / s.sum(), 0.1, np.empty((N, C)), np.empty(N),
                                        gW_out, gb_out)
@@ -131,7 +131,7 @@ def test_one_work_array_only(backend, rng):
     N, D, C = 100_000, 4, 16
     X = rng.normal(size=(N, D))
     y = rng.integers(0, C, size=N)
-    W, b = 0.1 * rng.normal(size=(D, C)), np.zeros(C)
+    W, b = 0.1 * rng.normal(size=(C, D)), np.zeros(C)
     r = np.full(N, 1.0 / N)
     work, loss_rows = np.empty((N, C)), np.empty(N)
     objective_and_gradient(W, b, X, y, r, 0.1, work, loss_rows)  # warm-up (JIT, caches)

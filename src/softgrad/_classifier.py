@@ -9,8 +9,8 @@ with a JSON header and never pickle.
 Conventions:
     ``coef_`` is ``(C, D)`` and ``intercept_`` is ``(C,)``, one row per class in the order
     of ``classes_`` (also for two classes: a softmax model keeps both rows, and
-    ``coef_[1] - coef_[0]`` is the log-odds weight vector). Inside the solvers the
-    weights are held transposed, ``W = coef_.T`` of shape ``(D, C)``.
+    ``coef_[1] - coef_[0]`` is the log-odds weight vector). The solvers work on
+    ``W = coef_`` directly, as :mod:`softgrad._linear_model` takes it.
 """
 
 from __future__ import annotations
@@ -53,13 +53,13 @@ _ADAPTIVE_FLOOR = 1.5 * 5.0 ** -5
 class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
     r"""Linear softmax classifier (multinomial logistic regression) trained by our own gradient.
 
-    Minimises, over weights :math:`W` (``D x C``) and intercepts :math:`b` (``C``),
+    Minimises, over weights :math:`W` (``C x D``, ``coef_``) and intercepts :math:`b` (``C``),
 
     .. math::
 
         J(W, b) = \sum_i r_i \Big(\log\sum_c e^{z_{ic}} - z_{i y_i}\Big)
                   + \frac{\alpha}{2}\,\lVert W \rVert_F^2, \qquad
-        z_i = x_i W + b, \quad r_i = \frac{s_i}{\sum_j s_j},
+        z_i = W x_i + b, \quad r_i = \frac{s_i}{\sum_j s_j},
 
     a weighted *mean* of the cross-entropy plus an L2 penalty (the intercept is not
     penalised). :math:`s_i` is ``sample_weight`` times the ``class_weight`` of
@@ -250,7 +250,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
                 f"(tol={self.tol}); increase max_iter or tol, or standardise X.",
                 ConvergenceWarning, stacklevel=3)
         self.classes_ = classes
-        self.coef_ = np.ascontiguousarray(W.T, dtype=np.float64)
+        self.coef_ = np.ascontiguousarray(W, dtype=np.float64)
         self.intercept_ = np.zeros(C) if b is None else np.asarray(b, dtype=np.float64).copy()
         self.loss_curve_ = np.asarray(self._curve, dtype=np.float64)
         self.n_iter_ = int(self.loss_curve_.shape[0])
@@ -288,10 +288,10 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         C = classes.shape[0]
         if (self.warm_start and hasattr(self, "coef_") and self.coef_.shape == (C, D)
                 and np.array_equal(self.classes_, classes)):
-            W = np.ascontiguousarray(self.coef_.T, dtype=np.float64)
+            W = np.array(self.coef_, dtype=np.float64, order="C")
             b = self.intercept_.astype(np.float64) if self.fit_intercept else None
             return W, b
-        return np.zeros((D, C)), (np.zeros(C) if self.fit_intercept else None)
+        return np.zeros((C, D)), (np.zeros(C) if self.fit_intercept else None)
 
     def _record(self, objective):
         self._curve.append(float(objective))
@@ -304,26 +304,27 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
 
     # ---------------------------------------------------------------- lbfgs
     def _fit_lbfgs(self, X64, X32, target, row_scale, W, b):
-        D, C = W.shape
+        C, D = W.shape
         theta = _pack(W, b)
         converged = False
         if X32 is not None:
             f32 = _Objective(X32, target, row_scale, self.alpha, C, b is not None)
-            # The float32 objective carries ~1e-7 relative noise, so its line searches stop
-            # making progress near the optimum; the float64 phase below finishes the job.
-            res = self._run_lbfgs(f32, theta, self.max_iter, ftol=1e-7)
-            theta = res.x
+            # Float32 rounding makes this objective noisy at ~1e-8 relative: the phase ends
+            # at the gradient tolerance or when a line search stops making progress. Either
+            # way the float64 phase below checks the point and finishes the job.
+            theta = self._run_lbfgs(f32, theta, self.max_iter, ftol=_FTOL).x
+            del f32  # its float32 (N, C) work array; only one work array lives at a time
         f64 = _Objective(X64, target, row_scale, self.alpha, C, b is not None)
         remaining = self.max_iter - len(self._curve)
-        objective, grad = f64(theta)
+        objective, grad = f64(theta)  # memoised: L-BFGS's first evaluation reuses it
         if np.max(np.abs(grad)) <= self.tol:
             converged = True
         elif remaining > 0:
             res = self._run_lbfgs(f64, theta, remaining, ftol=_FTOL)
             theta = res.x
-            objective, grad = f64(theta)
+            objective, grad = f64(theta)  # memoised when res.x was the last point evaluated
             converged = res.status == 0
-        W, b = _unpack(theta, D, C, b is not None)
+        W, b = _unpack(theta, C, D, b is not None)
         return W, b, objective, converged
 
     def _run_lbfgs(self, fun, theta, maxiter, ftol):
@@ -350,7 +351,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
 
     def _fit_gd(self, X, target, row_scale, W, b):
         N, D = X.shape
-        C = W.shape[1]
+        C = W.shape[0]
         work = np.empty((N, C))
         loss_rows = np.empty(N)
         eta0 = eta = self._step_size(X, row_scale, b is not None)
@@ -380,7 +381,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
     # ------------------------------------------------------------------ sgd
     def _fit_sgd(self, X, target, row_scale, W, b):
         N, D = X.shape
-        C = W.shape[1]
+        C = W.shape[0]
         B = min(self.batch_size, N)
         rng = check_random_state(self.random_state)
         eta0 = eta = self._step_size(X, row_scale, b is not None)
@@ -589,7 +590,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
 
 
 class _Objective:
-    """``theta -> (J, grad)`` for SciPy, with ``theta = [W.ravel(), b]`` in float64.
+    """``theta -> (J, grad)`` for SciPy, with ``theta = [W.ravel(), b]`` (``W`` is ``(C, D)``) in float64.
 
     Holds the problem in one compute dtype (``X``'s) and the reusable buffers: the
     ``(N, C)`` work array and the ``(N,)`` per-row losses.
@@ -602,20 +603,28 @@ class _Objective:
         self.dtype = X.dtype
         self.work = np.empty((N, C), dtype=X.dtype)
         self.loss_rows = np.empty(N)
+        self._last = None  # (theta, J, grad) of the latest evaluation
 
     def __call__(self, theta):
+        if self._last is not None and np.array_equal(theta, self._last[0]):
+            return self._last[1], self._last[2].copy()
+        J, grad = self._evaluate(theta)
+        self._last = (theta.copy(), J, grad.copy())
+        return J, grad
+
+    def _evaluate(self, theta):
         D, C = self.D, self.C
         grad = np.empty(theta.shape[0])
         if self.dtype == np.float64:
-            W, b = _unpack(theta, D, C, self.fit_intercept)
-            gW = grad[:D * C].reshape(D, C)
+            W, b = _unpack(theta, C, D, self.fit_intercept)
+            gW = grad[:D * C].reshape(C, D)
             gb = grad[D * C:] if self.fit_intercept else None
             J, _, _ = _linear_model.objective_and_gradient(
                 W, b, self.X, self.target, self.row_scale, self.alpha, self.work,
                 self.loss_rows, gW, gb)
         else:
             t = theta.astype(self.dtype)
-            W, b = _unpack(t, D, C, self.fit_intercept)
+            W, b = _unpack(t, C, D, self.fit_intercept)
             J, gW, gb = _linear_model.objective_and_gradient(
                 W, b, self.X, self.target, self.row_scale, self.alpha, self.work, self.loss_rows)
             grad[:D * C] = gW.reshape(-1)
@@ -628,8 +637,8 @@ def _pack(W, b):
     return np.concatenate([W.reshape(-1), b]) if b is not None else W.reshape(-1).copy()
 
 
-def _unpack(theta, D, C, fit_intercept):
-    W = theta[:D * C].reshape(D, C)
+def _unpack(theta, C, D, fit_intercept):
+    W = theta[:D * C].reshape(C, D)
     return W, (theta[D * C:] if fit_intercept else None)
 
 
@@ -641,14 +650,14 @@ def _max_abs(gW, gb):
 def _full_objective(X, target, row_scale, alpha, W, b):
     """``J`` over all rows, in row blocks so no ``(N, C)`` array is allocated."""
     N = X.shape[0]
-    step = max(1, (1 << 16) // W.shape[1])
-    work = np.empty((min(step, N), W.shape[1]))
+    step = max(1, (1 << 16) // W.shape[0])
+    work = np.empty((min(step, N), W.shape[0]))
     loss_rows = np.empty(min(step, N))
     data = 0.0
     for start in range(0, N, step):
         sl = slice(start, min(start + step, N))
         n = sl.stop - sl.start
-        np.matmul(X[sl], W, out=work[:n])
+        np.matmul(X[sl], W.T, out=work[:n])
         if b is not None:
             work[:n] += b
         _kernels_ce(work[:n], target[sl], loss_rows[:n])

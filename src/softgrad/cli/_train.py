@@ -38,7 +38,7 @@ def _gradient_check(X, y, n_classes, alpha, fit_intercept, rng):
     Xb = np.ascontiguousarray(X[np.ix_(rows, cols)], dtype=np.float64)
     yb = np.ascontiguousarray(y[rows], dtype=np.int64)
     scale = np.full(Xb.shape[0], 1.0 / Xb.shape[0])
-    W = 0.1 * rng.standard_normal((Xb.shape[1], n_classes))
+    W = 0.1 * rng.standard_normal((n_classes, Xb.shape[1]))
     b = 0.1 * rng.standard_normal(n_classes)
 
     def objective(W, b):
@@ -53,13 +53,13 @@ def _gradient_check(X, y, n_classes, alpha, fit_intercept, rng):
 
 def _sanity_check(X, y, n_classes, rng):
     """Seed 001's check: with tiny random weights every class gets ~1/C, so the loss is ~log C."""
-    W = 1e-4 * rng.standard_normal((X.shape[1], n_classes))
-    loss = float(softgrad.cross_entropy(X @ W, y))
+    W = 1e-4 * rng.standard_normal((n_classes, X.shape[1]))
+    loss = float(softgrad.cross_entropy(X @ W.T, y))
     return loss, math.log(n_classes)
 
 
 def _sklearn_reference(X, y, alpha, tol, max_iter, n_classes):
-    """LogisticRegression at the matching C; returns (model, fit seconds, its W (D, C), b (C,))."""
+    """LogisticRegression at the matching C; returns (model, seconds, C, its W (C, D), b (C,))."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
@@ -74,10 +74,10 @@ def _sklearn_reference(X, y, alpha, tol, max_iter, n_classes):
         lr.fit(X, y)
     seconds = time.perf_counter() - start
     if n_classes == 2:
-        W = np.column_stack([-lr.coef_[0] / 2, lr.coef_[0] / 2])
+        W = np.vstack([-lr.coef_[0] / 2, lr.coef_[0] / 2])
         b = np.array([-lr.intercept_[0] / 2, lr.intercept_[0] / 2])
     else:
-        W, b = lr.coef_.T, lr.intercept_
+        W, b = lr.coef_, lr.intercept_
     return lr, seconds, C, W, b
 
 

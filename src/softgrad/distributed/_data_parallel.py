@@ -53,41 +53,60 @@ class _Reducer:
         return t.cpu().numpy()
 
 
+def _pack(W, b) -> np.ndarray:
+    """``theta = [W.ravel(), b]`` in float64, the estimator's parameter vector (``W`` is ``coef_``, ``(C, D)``)."""
+    return np.concatenate([W.reshape(-1), b]) if b is not None else W.reshape(-1).astype(np.float64)
+
+
+def _unpack(theta, shape, fit_intercept):
+    size = shape[0] * shape[1]
+    return theta[:size].reshape(shape), (theta[size:] if fit_intercept else None)
+
+
 class _ShardObjective:
     """``theta -> (J, grad)`` over all ranks' rows: local data term, all-reduce, then the penalty.
 
-    ``theta = [W.ravel(), b]`` in float64, as in the single-process estimator. The shard is
-    held in one compute dtype (float32 for the first phase of ``precision="mixed"``).
+    ``theta = [W.ravel(), b]`` in float64 with ``W`` in ``coef_``'s ``(C, D)`` layout, as in the
+    single-process estimator. The shard is held in one compute dtype (float32 for the first
+    phase of ``precision="mixed"``). The latest evaluation is memoised (SciPy evaluates the
+    starting point again); every rank sees the same ``theta``, so every rank skips the same
+    all-reduce.
     """
 
-    def __init__(self, X, target, row_scale, alpha, C, fit_intercept, reducer: _Reducer):
-        N, D = X.shape
+    def __init__(self, X, target, row_scale, alpha, shape, fit_intercept, reducer: _Reducer):
         self.X, self.target, self.row_scale, self.alpha = X, target, row_scale, float(alpha)
-        self.D, self.C, self.fit_intercept = D, C, fit_intercept
+        self.shape, self.fit_intercept = tuple(shape), fit_intercept
         self.reducer = reducer
-        self.work = np.empty((N, C), dtype=X.dtype)
-        self.loss_rows = np.empty(N)
+        self.work = np.empty((X.shape[0], shape[0]), dtype=X.dtype)  # (N_k, C)
+        self.loss_rows = np.empty(X.shape[0])
+        self._last = None
 
     def __call__(self, theta):
-        D, C = self.D, self.C
-        t = theta if self.X.dtype == np.float64 else theta.astype(self.X.dtype)
-        W = t[:D * C].reshape(D, C)
-        b = t[D * C:] if self.fit_intercept else None
+        if self._last is not None and np.array_equal(theta, self._last[0]):
+            return self._last[1], self._last[2].copy()
+        J, grad = self._evaluate(theta)
+        self._last = (theta.copy(), J, grad.copy())
+        return J, grad
+
+    def _evaluate(self, theta):
+        size = self.shape[0] * self.shape[1]
+        W, b = _unpack(theta if self.X.dtype == np.float64 else theta.astype(self.X.dtype), self.shape,
+                       self.fit_intercept)
         packed = np.zeros(1 + theta.shape[0])  # [data term, grad W, grad b] of this shard
         if self.X.shape[0]:
             J, gW, gb = _linear_model.objective_and_gradient(W, b, self.X, self.target, self.row_scale, 0.0,
                                                              self.work, self.loss_rows)
             packed[0] = J
-            packed[1:1 + D * C] = gW.reshape(-1)
+            packed[1:1 + size] = gW.reshape(-1)
             if b is not None:
-                packed[1 + D * C:] = gb
+                packed[1 + size:] = gb
         total = self.reducer.sum(packed, "objective and gradient")
         grad = total[1:]
         penalty = 0.0
         if self.alpha:
             # the L2 term is added once, after the sum over shards: 0.5 alpha ||W||^2, gradient alpha W
             penalty = 0.5 * self.alpha * float(np.vdot(W, W))
-            grad[:D * C] += (self.alpha * W).reshape(-1)
+            grad[:size] += (self.alpha * W).reshape(-1)
         return float(total[0]) + penalty, grad
 
 
@@ -139,32 +158,34 @@ def _fit_lbfgs(est, X64, X32, target, row_scale, W, b, reducer, curve):
 
     from softgrad import _classifier
 
-    D, C = W.shape
-    theta = _classifier._pack(W, b)
+    shape, fit_intercept = W.shape, b is not None
+    theta = _pack(W, b)
 
     def record(intermediate_result):  # SciPy passes an OptimizeResult to a parameter of this name
         curve(intermediate_result.fun)
 
-    def run(fun, start, maxiter, ftol):
+    def run(fun, start, maxiter):
         return scipy.optimize.minimize(
             fun, start, method="L-BFGS-B", jac=True, callback=record,
-            options={"maxiter": int(maxiter), "maxls": 50, "gtol": est.tol, "ftol": ftol})
+            options={"maxiter": int(maxiter), "maxls": 50, "gtol": est.tol, "ftol": _classifier._FTOL})
 
     if X32 is not None:
-        f32 = _ShardObjective(X32, target, row_scale, est.alpha, C, b is not None, reducer)
-        theta = run(f32, theta, est.max_iter, 1e-7).x  # float32 phase, finished in float64 below
-    f64 = _ShardObjective(X64, target, row_scale, est.alpha, C, b is not None, reducer)
+        # float32 phase (ends at the gradient tolerance or when its noisy line searches stall),
+        # then the float64 phase below checks the point and finishes
+        theta = run(_ShardObjective(X32, target, row_scale, est.alpha, shape, fit_intercept, reducer), theta,
+                    est.max_iter).x
+    f64 = _ShardObjective(X64, target, row_scale, est.alpha, shape, fit_intercept, reducer)
     remaining = est.max_iter - len(curve.values)
     objective, grad = f64(theta)
     converged = False
     if np.max(np.abs(grad)) <= est.tol:
         converged = True
     elif remaining > 0:
-        res = run(f64, theta, remaining, _classifier._FTOL)
+        res = run(f64, theta, remaining)
         theta = res.x
         objective, grad = f64(theta)
         converged = res.status == 0
-    W, b = _classifier._unpack(theta, D, C, b is not None)
+    W, b = _unpack(theta, shape, fit_intercept)
     return W, b, objective, converged
 
 
@@ -172,16 +193,17 @@ def _fit_gd(est, X, target, row_scale, W, b, reducer, curve):
     """The single-process estimator's gradient descent (same step rule and schedule) on the all-reduced objective."""
     from softgrad import _classifier
 
-    D, C = W.shape
-    fun = _ShardObjective(X, target, row_scale, est.alpha, C, b is not None, reducer)
+    shape, fit_intercept = W.shape, b is not None
+    fun = _ShardObjective(X, target, row_scale, est.alpha, shape, fit_intercept, reducer)
     if est.learning_rate == "auto":
-        eta0 = eta = 1.0 / _lipschitz_bound(X, row_scale, est.alpha, b is not None, reducer)
+        eta0 = eta = 1.0 / _lipschitz_bound(X, row_scale, est.alpha, fit_intercept, reducer)
     else:
         eta0 = eta = float(est.learning_rate)
 
     def evaluate(W, b):
-        J, grad = fun(_classifier._pack(W, b))
-        return J, grad[:D * C].reshape(D, C), (grad[D * C:] if b is not None else None)
+        J, grad = fun(_pack(W, b))
+        gW, gb = _unpack(grad, shape, fit_intercept)
+        return J, gW, gb
 
     objective, gW, gb = evaluate(W, b)
     previous = math.inf
@@ -401,7 +423,7 @@ def fit_data_parallel(estimator, X_shard, y_shard, *, group=None, sample_weight=
         W, b, objective, converged = _fit_gd(est, X64, target, row_scale, W, b, reducer, curve)
 
     # every rank ran the same solver on the same numbers; make sure they ended in the same place
-    theta = _classifier._pack(W, b)
+    theta = _pack(W, b)
     mine = torch.from_numpy(np.append(theta, [objective, len(curve.values)])).to(reducer.device)
     first = _comm.broadcast(mine.clone(), 0, group, "fitted weights")
     if not torch.equal(first, mine):
@@ -413,7 +435,7 @@ def fit_data_parallel(estimator, X_shard, y_shard, *, group=None, sample_weight=
             f"(tol={est.tol}) in fit_data_parallel; increase max_iter or tol, or standardise X.",
             ConvergenceWarning, stacklevel=2)
     est.classes_ = classes
-    est.coef_ = np.ascontiguousarray(W.T, dtype=np.float64)
+    est.coef_ = np.ascontiguousarray(W, dtype=np.float64)  # W is in coef_'s (C, D) layout
     est.intercept_ = np.zeros(C) if b is None else np.asarray(b, dtype=np.float64).copy()
     est.loss_curve_ = np.asarray(curve.values, dtype=np.float64)
     est.n_iter_ = int(est.loss_curve_.shape[0])
