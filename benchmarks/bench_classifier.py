@@ -1,0 +1,236 @@
+"""Classifier fit time and final objective: SoftmaxClassifier's solvers vs scikit-learn's LogisticRegression.
+
+Problems (both at scikit-learn's default ``C = 1``, i.e. ``alpha = 1 / n_samples``):
+
+* ``digits``: the 1797 8x8 digits that ship with scikit-learn, standardised (D=64, C=10);
+* ``synthetic``: ``make_classification(n_samples=50_000, n_features=256, n_informative=64,
+  n_classes=20, n_clusters_per_class=1, random_state=0)`` (float64).
+
+Implementations, each fitted once per problem in the same process, in turn:
+
+* ``sklearn_lbfgs``   -- ``LogisticRegression(C=1, tol=1e-4)`` (scikit-learn's L-BFGS-B on its
+  Cython multinomial loss), the reference;
+* ``softgrad_lbfgs``  -- ``SoftmaxClassifier(alpha=1/n, tol=1e-4)`` as shipped (``precision="auto"``:
+  mixed float32 -> float64 on the synthetic problem, float64 on digits);
+* ``softgrad_lbfgs_f64`` -- the same with ``precision="float64"``;
+* ``softgrad_gd`` / ``softgrad_sgd`` -- gradient descent (step 1/L) and mini-batch SGD with a
+  fixed budget of iterations/epochs; their objective gap is reported, not gated.
+
+Correctness gate: every L-BFGS fit must reach scikit-learn's objective to ``1e-6`` relative
+(both objectives are evaluated by the same float64 reference at the returned weights),
+and the max |gradient| at our weights, recomputed in float64, must be <= tol.
+
+Floor: one evaluation of the objective needs at least the two matrix products
+``X @ W.T`` and ``G.T @ X`` (timed alone, float64 and float32); ``floor`` is that time
+times the number of evaluations scikit-learn used.
+
+Usage::
+
+    python benchmarks/bench_classifier.py            # writes benchmarks/results/bench_classifier_<device>.{json,png}
+    python benchmarks/bench_classifier.py --quick    # small problems, results to a temp dir (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness  # noqa: E402
+
+TOL = 1e-4
+OBJECTIVE_RTOL = 1e-6
+
+
+def _problems(quick: bool):
+    from sklearn.datasets import load_digits, make_classification
+
+    X, y = load_digits(return_X_y=True)
+    if quick:
+        X, y = X[:400], y[:400]
+    std = X.std(axis=0)
+    X = (X - X.mean(axis=0)) / np.where(std > 0, std, 1.0)
+    shape = dict(n_samples=2000, n_features=32, n_informative=16, n_classes=5) if quick else \
+        dict(n_samples=50_000, n_features=256, n_informative=64, n_classes=20)
+    Xs, ys = make_classification(**shape, n_clusters_per_class=1, random_state=0)
+    return {"digits": (np.ascontiguousarray(X), y), "synthetic": (Xs, ys)}
+
+
+def _count_evaluations():
+    """Wrap scikit-learn's LinearModelLoss.loss_gradient to count objective evaluations."""
+    from sklearn.linear_model import _linear_loss
+
+    counter = {"n": 0}
+    original = _linear_loss.LinearModelLoss.loss_gradient
+
+    def counted(self, *args, **kwargs):
+        counter["n"] += 1
+        return original(self, *args, **kwargs)
+
+    _linear_loss.LinearModelLoss.loss_gradient = counted
+    return counter, lambda: setattr(_linear_loss.LinearModelLoss, "loss_gradient", original)
+
+
+def _fit(name, X, y, alpha, gd_iters, sgd_epochs):
+    """Fit one implementation; return (seconds, W (C, D), b (C,), iterations, evaluations)."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    from softgrad import SoftmaxClassifier
+    from softgrad import _classifier
+
+    evals = {"n": 0}
+    if name == "sklearn_lbfgs":
+        model = LogisticRegression(C=1.0 / (alpha * y.shape[0]), tol=TOL, max_iter=10_000)
+        counter, restore = _count_evaluations()
+    else:
+        params = {"softgrad_lbfgs": dict(max_iter=10_000),
+                  "softgrad_lbfgs_f64": dict(max_iter=10_000, precision="float64"),
+                  "softgrad_gd": dict(solver="gd", max_iter=gd_iters),
+                  "softgrad_sgd": dict(solver="sgd", max_iter=sgd_epochs, random_state=0)}[name]
+        model = SoftmaxClassifier(alpha=alpha, tol=TOL, **params)
+        original_call = _classifier._Objective._evaluate
+
+        def counted(self, theta):
+            evals["n"] += 1
+            return original_call(self, theta)
+
+        _classifier._Objective._evaluate = counted
+        counter = evals
+
+        def restore():
+            _classifier._Objective._evaluate = original_call
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            start = time.perf_counter()
+            model.fit(X, y)
+            seconds = time.perf_counter() - start
+    finally:
+        restore()
+    n_iter = int(np.max(model.n_iter_))
+    return seconds, model.coef_, model.intercept_, n_iter, counter["n"]
+
+
+def _floor(X, C, repeats):
+    """Median time of the two matrix products of one evaluation, float64 and float32 (ms)."""
+    out = {}
+    rng = np.random.default_rng(0)
+    for dtype in (np.float64, np.float32):
+        Xd = np.ascontiguousarray(X, dtype=dtype)
+        W = rng.normal(size=(C, X.shape[1])).astype(dtype)
+        work = np.empty((X.shape[0], C), dtype=dtype)
+        grad = np.empty_like(W)
+
+        def products():
+            np.matmul(Xd, W.T, out=work)
+            np.matmul(work.T, Xd, out=grad)
+
+        out[np.dtype(dtype).name] = _harness.time_cpu(products, repeats=repeats, warmup=1)["median_ms"]
+    return out
+
+
+def _chart(rows, path):
+    import matplotlib.pyplot as plt
+
+    problems = list(dict.fromkeys(r["problem"] for r in rows))
+    fig, axes = plt.subplots(1, len(problems), figsize=(6 * len(problems), 4.2), squeeze=False)
+    colours = {"sklearn_lbfgs": "#777777", "softgrad_lbfgs": "#1f77b4", "softgrad_lbfgs_f64": "#6baed6",
+               "softgrad_gd": "#ff7f0e", "softgrad_sgd": "#2ca02c"}
+    for ax, problem in zip(axes[0], problems):
+        sub = [r for r in rows if r["problem"] == problem]
+        names = [r["impl"] for r in sub]
+        secs = [r["fit_s"] for r in sub]
+        bars = ax.barh(names, secs, color=[colours.get(n, "#999999") for n in names])
+        for bar, r in zip(bars, sub):
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
+                    f"  {r['fit_s']:.2f} s, {r['ratio_vs_sklearn']:.2f}x, gap {r['objective_gap']:.1e}",
+                    va="center", fontsize=8)
+        floor = sub[0].get("floor_s")
+        if floor:
+            ax.axvline(floor, color="k", ls=":", lw=1, label=f"floor (products x sklearn's evals) {floor:.2f} s")
+            ax.legend(loc="lower right", fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("fit time (s), one run")
+        ax.set_title(f"{problem}: N={sub[0]['n']}, D={sub[0]['d']}, C={sub[0]['c']}")
+        ax.set_xlim(0, max(secs) * 1.9)
+    fig.suptitle("SoftmaxClassifier vs scikit-learn LogisticRegression (same objective, tol=1e-4)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small problems, results to a temporary directory")
+    parser.add_argument("--floor-repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.floor_repeats = 1
+        _harness.RESULTS_DIR = Path(tempfile.mkdtemp(prefix="softgrad_bench_classifier_quick_"))
+
+    import softgrad
+    from softgrad._linear_model import objective_reference
+
+    load_before = os.getloadavg()
+    problems = _problems(args.quick)
+    # warm-up: JIT-compiled kernels load, BLAS threads start (not timed)
+    Xw, yw = problems["digits"]
+    for name in ("sklearn_lbfgs", "softgrad_lbfgs"):
+        _fit(name, Xw[:200], yw[:200], 1e-2, 2, 1)
+
+    rows = []
+    impls = ("sklearn_lbfgs", "softgrad_lbfgs", "softgrad_lbfgs_f64", "softgrad_gd", "softgrad_sgd")
+    for problem, (X, y) in problems.items():
+        N, D = X.shape
+        C = int(np.unique(y).shape[0])
+        alpha = 1.0 / N
+        budget = (20, 3) if args.quick else (200, 10) if problem == "synthetic" else (500, 50)
+        results = {name: _fit(name, X, y, alpha, *budget) for name in impls}
+        J = {name: objective_reference(r[1], r[2], X, y, None, alpha)[0] for name, r in results.items()}
+        J_ref = J["sklearn_lbfgs"]
+        for name in ("softgrad_lbfgs", "softgrad_lbfgs_f64"):
+            _harness.check_close(f"{problem}/{name} objective", J[name], J_ref, rtol=OBJECTIVE_RTOL, atol=0.0)
+            _, gW, gb = objective_reference(results[name][1], results[name][2], X, y, None, alpha)
+            worst = max(np.abs(gW).max(), np.abs(gb).max())
+            if worst > TOL:
+                raise AssertionError(f"{problem}/{name}: max |gradient| {worst:.2e} > tol {TOL}")
+        floor_ms = _floor(X, C, args.floor_repeats)
+        sk_seconds, sk_evals = results["sklearn_lbfgs"][0], results["sklearn_lbfgs"][4]
+        for name, (seconds, _, _, n_iter, n_evals) in results.items():
+            rows.append({
+                "problem": problem, "impl": name, "n": N, "d": D, "c": C, "alpha": alpha,
+                "fit_s": seconds, "ratio_vs_sklearn": seconds / sk_seconds, "objective": J[name],
+                "objective_gap": (J[name] - J_ref) / J_ref, "n_iter": n_iter, "n_evals": n_evals,
+                "ms_per_eval": 1e3 * seconds / n_evals if n_evals else None,
+                "floor_ms_per_eval_f64": floor_ms["float64"], "floor_ms_per_eval_f32": floor_ms["float32"],
+                "floor_s": floor_ms["float64"] * sk_evals / 1e3,
+                "gated": name in ("softgrad_lbfgs", "softgrad_lbfgs_f64"),
+            })
+    load_after = os.getloadavg()
+
+    _harness.print_table(rows, ["problem", "impl", "fit_s", "ratio_vs_sklearn", "objective", "objective_gap",
+                                "n_iter", "n_evals", "ms_per_eval", "floor_ms_per_eval_f64",
+                                "floor_ms_per_eval_f32"])
+    for problem in problems:
+        sub = {r["impl"]: r for r in rows if r["problem"] == problem}
+        print(f"{problem}: softgrad_lbfgs / sklearn_lbfgs fit time = {sub['softgrad_lbfgs']['ratio_vs_sklearn']:.2f} "
+              f"(float64 only: {sub['softgrad_lbfgs_f64']['ratio_vs_sklearn']:.2f}); objectives agree to "
+              f"{abs(sub['softgrad_lbfgs']['objective_gap']):.1e} relative")
+    print(f"backend {softgrad.get_backend()}; load average before {load_before}, after {load_after}")
+    extra = {"quick": args.quick, "tol": TOL, "objective_rtol": OBJECTIVE_RTOL, "backend": softgrad.get_backend(),
+             "load_average_before": load_before, "load_average_after": load_after,
+             "target": "softgrad_lbfgs fit time <= 0.5 x sklearn_lbfgs on synthetic, same objective"}
+    path = _harness.write_results("bench_classifier", rows, chart=_chart, extra=extra)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
