@@ -307,7 +307,7 @@ def _linear_rows(rows, shapes, dtypes, repeats, peers):
             rng = np.random.default_rng(1)
             X = rng.normal(size=(N, D)).astype(dtype)
             y = rng.integers(0, C, size=N)
-            W = (rng.normal(size=(D, C)) * 0.1).astype(dtype)
+            W = (rng.normal(size=(C, D)) * 0.1).astype(dtype)  # (C, D), the classifier's coef_ layout
             b = (rng.normal(size=C) * 0.1).astype(dtype)
             alpha = 1e-3
             J_ref, gW_ref, gb_ref = _linear_model.objective_reference(W, b, X, y, None, alpha)
@@ -324,13 +324,13 @@ def _linear_rows(rows, shapes, dtypes, repeats, peers):
             if "sklearn_linear" in peers:
                 LinearModelLoss, HalfMultinomialLoss = peers["sklearn_linear"]
                 lml = LinearModelLoss(base_loss=HalfMultinomialLoss(n_classes=C), fit_intercept=True)
-                coef = np.ascontiguousarray(np.vstack([W, b[None]]).T)  # (C, D + 1), intercept last
+                coef = np.ascontiguousarray(np.hstack([W, b[:, None]]))  # (C, D + 1), intercept last
                 y_float = y.astype(dtype)
 
                 def sk():
                     J, g = lml.loss_gradient(coef, X, y_float, l2_reg_strength=alpha, n_threads=peers["threads"])
                     g = g.reshape(C, D + 1)
-                    return J, np.concatenate([g[:, :D].T.ravel(), g[:, D]])
+                    return J, np.concatenate([g[:, :D].ravel(), g[:, D]])
                 impls["sklearn"] = sk
             reference = (J_ref, np.concatenate([gW_ref.ravel(), gb_ref]))
             base = {"op": "linear", "shape": f"{N}x{D}x{C}", "N": N, "D": D, "C": C,
