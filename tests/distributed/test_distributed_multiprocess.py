@@ -108,6 +108,13 @@ def test_triton_row_kernels_through_the_sharded_path():
         pytest.skip(ran[0])
 
 
+@pytest.mark.parametrize("world", WORLDS)
+def test_vocab_parallel_example_runs_and_checks_itself(world):
+    (status, printed), *others = _check(world, "vocab_parallel_example")
+    assert status == 0 and all(o[0] == 0 for o in others), printed
+    assert "(agree)" in printed and f"{world} rank(s)" in printed and "step    2" in printed
+
+
 # ----------------------------------------------------------------------------- data-parallel classifier
 _REFERENCE: dict = {}
 
@@ -127,8 +134,7 @@ def _single_process_fit(name):
     return _REFERENCE[name]
 
 
-@pytest.mark.parametrize("case", sorted(checks.CLASSIFIER_CASES))
-@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("world, case", [(w, c) for w in WORLDS for c in checks.classifier_cases(w)])
 def test_data_parallel_fit_equals_single_process_fit(world, case):
     per_rank = _check(world, "data_parallel_classifier")
     ref = _single_process_fit(case)
