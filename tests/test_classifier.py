@@ -216,6 +216,29 @@ def test_callback_and_verbose(capsys):
     assert "iteration 1: objective" in capsys.readouterr().out
 
 
+def test_small_fits_run_on_one_thread(monkeypatch):
+    """Small evaluations run under threadpool_limits(1); large ones keep the caller's threads."""
+    from threadpoolctl import threadpool_info
+
+    from softgrad import _classifier
+
+    def blas_threads():
+        return {p["internal_api"]: p["num_threads"] for p in threadpool_info()}
+
+    outside = blas_threads()
+    if max(outside.values(), default=1) < 2:
+        pytest.skip("only one thread available: nothing to limit")
+    seen = []
+    X, y = IRIS
+    SoftmaxClassifier(max_iter=2, callback=lambda n, J: seen.append(blas_threads())).fit(X, y)
+    assert seen and all(set(t.values()) == {1} for t in seen)
+    monkeypatch.setattr(_classifier, "_SERIAL_MAX_WORK", 1)  # now every fit counts as large
+    seen.clear()
+    SoftmaxClassifier(max_iter=2, callback=lambda n, J: seen.append(blas_threads())).fit(X, y)
+    assert seen and all(t == outside for t in seen)
+    assert blas_threads() == outside
+
+
 def test_probabilities_and_log_probabilities():
     X, y = IRIS
     clf = SoftmaxClassifier(alpha=1e-6, max_iter=30).fit(1e3 * X, y)  # huge logits

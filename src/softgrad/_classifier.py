@@ -15,6 +15,7 @@ Conventions:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -34,6 +35,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, check_random_state, validate_data
 
 from softgrad import _linear_model
+from softgrad._backend import kernels as _kernels
 from softgrad._softmax import log_softmax as _log_softmax
 from softgrad._softmax import softmax as _softmax
 
@@ -44,6 +46,11 @@ _FORMAT_VERSION = 1
 # Below this many multiply-adds per evaluation (N * D * C) the float32 phase of
 # precision="auto" saves less than the float32 copy of X and the restart cost.
 _MIXED_MIN_WORK = 1 << 23
+# Below this many multiply-adds per objective evaluation (rows * D * C; for sgd a batch's
+# rows) one evaluation takes well under a millisecond, and waking a second BLAS/Numba
+# thread costs more than it saves -- on a busy machine ~5-10x more (measured: this test
+# suite 78 s with two threads, 11 s with one, load average 5). Such fits run on one thread.
+_SERIAL_MAX_WORK = 1 << 22
 # relative objective decrease at which L-BFGS-B stops (as scikit-learn sets it)
 _FTOL = 64 * np.finfo(np.float64).eps
 # sgd with schedule="adaptive" stops after dividing the step by 5 five times (5**-5 = 3.2e-4)
@@ -96,6 +103,10 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
       ``shuffle``-d each epoch with ``random_state``; ``max_iter`` counts epochs; stops
       when the epoch objective has not improved on its best by more than ``tol`` for
       ``n_iter_no_change`` epochs in a row.
+
+    Threads: a fit whose objective evaluation is small (``rows * D * C < 2**22``, rows
+    being ``batch_size`` for ``sgd``) runs with one BLAS and one kernel thread
+    (threadpoolctl): there, synchronising a second thread costs more than it saves.
 
     ``schedule`` sets the step of ``gd``/``sgd`` at iteration/epoch ``t``:
     ``"constant"`` (:math:`\eta`), ``"invscaling"`` (:math:`\eta/\sqrt{t+1}`) or
@@ -233,15 +244,17 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
 
         self._curve: list[float] = []
         X64 = X.astype(np.float64, copy=False)
-        if self.solver == "lbfgs":
-            X32 = None
-            if precision == "mixed":
-                X32 = X if X.dtype == np.float32 else X.astype(np.float32)
-            W, b, objective, converged = self._fit_lbfgs(X64, X32, target, row_scale, W, b)
-        elif self.solver == "gd":
-            W, b, objective, converged = self._fit_gd(X64, target, row_scale, W, b)
-        else:
-            W, b, objective, converged = self._fit_sgd(X64, target, row_scale, W, b)
+        rows = min(self.batch_size, N) if self.solver == "sgd" else N
+        with _thread_limit(rows * D * C):
+            if self.solver == "lbfgs":
+                X32 = None
+                if precision == "mixed":
+                    X32 = X if X.dtype == np.float32 else X.astype(np.float32)
+                W, b, objective, converged = self._fit_lbfgs(X64, X32, target, row_scale, W, b)
+            elif self.solver == "gd":
+                W, b, objective, converged = self._fit_gd(X64, target, row_scale, W, b)
+            else:
+                W, b, objective, converged = self._fit_sgd(X64, target, row_scale, W, b)
 
         if not converged:
             warnings.warn(
@@ -633,6 +646,21 @@ class _Objective:
         return J, grad
 
 
+def _thread_limit(work_per_evaluation):
+    """One BLAS and kernel thread for small evaluations (see ``_SERIAL_MAX_WORK``), else no change.
+
+    threadpoolctl (a scikit-learn dependency) limits OpenBLAS/MKL/OpenMP and, through the
+    controller the Numba backend registers, Numba; the backend is loaded first so that its
+    threading library is visible to threadpoolctl.
+    """
+    if work_per_evaluation >= _SERIAL_MAX_WORK:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    _kernels()
+    return threadpool_limits(limits=1)
+
+
 def _pack(W, b):
     return np.concatenate([W.reshape(-1), b]) if b is not None else W.reshape(-1).copy()
 
@@ -666,9 +694,7 @@ def _full_objective(X, target, row_scale, alpha, W, b):
 
 
 def _kernels_ce(logits, target, loss_out):
-    from softgrad._backend import kernels
-
-    kernels().cross_entropy_index(logits, target, None, -100, 0.0,
+    _kernels().cross_entropy_index(logits, target, None, -100, 0.0,
                                   np.zeros(target.shape[0]), loss_out, None)
 
 
