@@ -26,11 +26,14 @@ Usage::
 
     python benchmarks/bench_distributed.py            # P = 1, 2, 3; writes results/bench_distributed_<device>.json + .png
     python benchmarks/bench_distributed.py --quick    # tiny shapes, P = 2 only, results to a temporary directory
+    python benchmarks/bench_distributed.py --project benchmarks/results/bench_distributed_cpu-2-cores.json
+                                                      # the scaling model of docs/DISTRIBUTED.md for 2 .. 1024 ranks
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -81,9 +84,7 @@ def _replay(log, repeats: int) -> list[float]:
 
     def replay():
         for op, buf in buffers:
-            if op == "all_gather":
-                dist.all_gather([torch.empty_like(buf) for _ in range(world)], buf)
-            elif op == "all_reduce:max":
+            if op == "all_reduce:max":
                 dist.all_reduce(buf, op=dist.ReduceOp.MAX)
             elif op == "all_reduce:sum":
                 dist.all_reduce(buf)
@@ -347,11 +348,69 @@ def _chart(rows, path):
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- the scaling model of docs/DISTRIBUTED.md
+def ring_allreduce_s(p: int, nbytes: float, alpha: float, beta: float) -> float:
+    """Ring all-reduce: reduce-scatter + all-gather, ``2 (P - 1)`` latencies, ``2 (P - 1) / P * bytes`` per rank."""
+    return 0.0 if p == 1 else 2 * (p - 1) * alpha + 2 * (p - 1) / p * nbytes * beta
+
+
+def tree_allreduce_s(p: int, nbytes: float, alpha: float, beta: float) -> float:
+    """Tree all-reduce (reduce up, broadcast down, pipelined): ``2 log2 P`` latencies, about ``2 * bytes`` per rank."""
+    return 0.0 if p == 1 else 2 * math.ceil(math.log2(p)) * alpha + 2 * nbytes * beta
+
+
+def step_collectives(op: str, cfg: dict, p: int, evaluations: int = 1) -> list[tuple[str, int]]:
+    """``(collective, bytes per rank)`` of one step of ``op`` on ``p`` ranks (all all-reduces), as docs/DISTRIBUTED.md
+    counts them.
+
+    ``vocab_ce`` runs with label smoothing (an ``(N, 4)`` sum block), ``vocab_linear`` without
+    (``(N, 2)``) and with the backward's ``(N, D)`` float32 all-reduce of the hidden gradient;
+    ``dp_fit`` is one all-reduce of ``1 + C D + C`` float64 per objective evaluation.
+    """
+    if op == "vocab_ce":
+        n = cfg["n"]
+        return [("all_reduce", 8 * (2 * p + 16)), ("all_reduce", 4 * n), ("all_reduce", 4 * 4 * n)]
+    if op == "vocab_linear":
+        n, d = cfg["n_lin"], cfg["d"]
+        return [("all_reduce", 8 * (2 * p + 16)), ("all_reduce", 4 * n), ("all_reduce", 2 * 4 * n),
+                ("all_reduce", 4 * n * d)]
+    c, d = cfg["c_fit"], cfg["d_fit"]
+    return [("all_reduce", 8 * (1 + c * d + c))] * evaluations
+
+
+def project(payload: dict, worlds=(2, 3, 8, 64, 256, 1024)) -> str:
+    """Markdown table: the model ``T(P) = T(1) / P + collectives(P)`` with the measured P = 2 ``alpha``, ``beta``."""
+    model = payload["allreduce_model"]["2"]
+    alpha, beta = model["alpha_s"], model["beta_s_per_byte"]
+    cfg = payload["config"]
+    lines = [f"alpha = {alpha * 1e6:.0f} us, beta = {beta * 1e9:.2f} ns/byte (ring fit of the P = 2 all-reduce sweep)",
+             "", "| op | P | measured ms | model ms, ring | model ms, tree | ring: collectives share | "
+                 "ring: efficiency T(1)/(P T(P)) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for op in ("vocab_ce", "vocab_linear", "dp_fit"):
+        rows = {r["world"]: r for r in payload["rows"] if r["op"] == op}
+        t1 = rows[1]["median_ms"] * 1e-3
+        for p in worlds:
+            steps = step_collectives(op, cfg, p, rows[1].get("evaluations", 1))
+            ring = sum(ring_allreduce_s(p, b, alpha, beta) for _, b in steps)
+            tree = sum(tree_allreduce_s(p, b, alpha, beta) for _, b in steps)
+            total_ring, total_tree = t1 / p + ring, t1 / p + tree
+            measured = f"{rows[p]['median_ms']:.0f}" if p in rows else "-"
+            lines.append(f"| {op} | {p} | {measured} | {1e3 * total_ring:.0f} | {1e3 * total_tree:.0f} | "
+                         f"{ring / total_ring:.0%} | {t1 / (p * total_ring):.0%} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, P = 2 only, results to a temporary directory")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per measurement")
+    parser.add_argument("--project", metavar="JSON", help="print the scaling model's table for a results file and exit")
     args = parser.parse_args(argv)
+    if args.project:
+        import json
+
+        print(project(json.loads(Path(args.project).read_text())))
+        return None
     cfg = dict(QUICK if args.quick else FULL)
     if args.repeats:
         cfg["repeats"] = args.repeats

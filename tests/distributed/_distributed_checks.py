@@ -331,12 +331,13 @@ def ce_communication_is_order_n(ctx):
         if sent[key] != sent[(3000, key[1])]:
             raise AssertionError(f"{key[1]}: bytes depend on V: {sent[key]} vs {sent[(3000, key[1])]}")
     f = 8  # float64 logits: the row statistics travel in float64
+    meta = ("all_reduce:max", (2 * ctx.world + 16) * 8)  # layout and checks: 2 P + 16 int64
     expected = {
-        "plain": [("all_gather", 12 * 8), ("all_reduce:max", n * f), ("all_reduce:sum", 2 * n * f)],
-        "smoothing": [("all_gather", 12 * 8), ("all_reduce:max", n * f), ("all_reduce:sum", 4 * n * f)],
-        "shard weight": [("all_gather", 12 * 8), ("all_reduce:max", n * f), ("all_reduce:sum", 3 * n * f)],
-        "all": [("all_gather", 12 * 8), ("all_reduce:max", n * f), ("all_reduce:sum", 5 * n * f)],
-        "linear": [("all_gather", 12 * 8), ("all_reduce:max", n * f), ("all_reduce:sum", 2 * n * f),
+        "plain": [meta, ("all_reduce:max", n * f), ("all_reduce:sum", 2 * n * f)],
+        "smoothing": [meta, ("all_reduce:max", n * f), ("all_reduce:sum", 4 * n * f)],
+        "shard weight": [meta, ("all_reduce:max", n * f), ("all_reduce:sum", 3 * n * f)],
+        "all": [meta, ("all_reduce:max", n * f), ("all_reduce:sum", 5 * n * f)],
+        "linear": [meta, ("all_reduce:max", n * f), ("all_reduce:sum", 2 * n * f),
                    ("all_reduce:sum", n * 8 * f)],
     }
     for name, want in expected.items():

@@ -29,10 +29,11 @@ def test_distributed_benchmark_quick_mode_end_to_end():
     steps = {r["op"]: r for r in payload["rows"] if r["op"] != "allreduce"}
     assert set(steps) == {"vocab_ce", "vocab_linear", "dp_fit"}
     n, v, d = (payload["config"][k] for k in ("n", "v", "d"))
-    # the byte counts of docs/DISTRIBUTED.md: 12 int64, then N and 4N float32 (label smoothing on)
-    assert steps["vocab_ce"]["bytes_per_rank"] == 12 * 8 + n * 4 + 4 * n * 4
+    # the byte counts of docs/DISTRIBUTED.md: 2 P + 16 int64, then N and 4N float32 (label smoothing on)
+    meta = (2 * 2 + 16) * 8
+    assert steps["vocab_ce"]["bytes_per_rank"] == meta + n * 4 + 4 * n * 4
     n_lin = payload["config"]["n_lin"]
-    assert steps["vocab_linear"]["bytes_per_rank"] == 12 * 8 + n_lin * 4 + 2 * n_lin * 4 + n_lin * d * 4
+    assert steps["vocab_linear"]["bytes_per_rank"] == meta + n_lin * 4 + 2 * n_lin * 4 + n_lin * d * 4
     assert all(r["world"] == 2 and r["median_ms"] > 0 and r["comm_ms"] >= 0 for r in steps.values())
     assert steps["dp_fit"]["evaluations"] >= steps["dp_fit"]["n_iter"]
     assert "2" in payload["allreduce_model"]

@@ -76,7 +76,7 @@ def test_survivor_raises_collective_error_on_timeout_and_on_exit():
     assert "exited with code 3 without reporting" in dead.error
     seconds, message = survivor.value["timeout"]
     assert SUBGROUP_TIMEOUT_S * 0.9 <= seconds <= BOUND_S, seconds
-    assert "all_gather of logits_shard layout and checks failed on rank 0 of 2" in message
+    assert "all_reduce(max) of logits_shard layout and checks failed on rank 0 of 2" in message
     assert "timeout" in message and "Backend said" in message
     seconds, message = survivor.value["exit"]
     assert seconds <= BOUND_S, seconds

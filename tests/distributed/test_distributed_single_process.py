@@ -171,7 +171,7 @@ def test_record_collectives_counts_every_byte(world_of_one):
     with record_collectives() as log:
         sd.vocab_parallel_cross_entropy(z, y).backward()
     assert [(r.op, r.dtype, r.numel, r.nbytes) for r in log] == [
-        ("all_gather", "int64", 12, 96), ("all_reduce:max", "float32", 10, 40), ("all_reduce:sum", "float32", 20, 80)]
+        ("all_reduce:max", "int64", 18, 144), ("all_reduce:max", "float32", 10, 40), ("all_reduce:sum", "float32", 20, 80)]
     with record_collectives() as outer, record_collectives() as inner:
         sd.vocab_parallel_cross_entropy(z, y)
     assert len(outer) == len(inner) == 3
@@ -223,7 +223,7 @@ def test_collective_failure_becomes_collective_error(world_of_one, monkeypatch):
         raise RuntimeError("[gloo] Connection closed by peer\nmore detail")
 
     monkeypatch.setattr(dist, "all_reduce", broken)
-    with pytest.raises(CollectiveError, match="all_reduce\\(max\\) of vocab_parallel_cross_entropy row max failed on "
+    with pytest.raises(CollectiveError, match="all_reduce\\(max\\) of logits_shard layout and checks failed on "
                                               "rank 0 of 1.*Backend said: \\[gloo\\] Connection closed by peer$") as info:
         sd.vocab_parallel_cross_entropy(torch.zeros(2, 3), torch.tensor([0, 1]))
     assert isinstance(info.value.__cause__, RuntimeError)

@@ -1,7 +1,7 @@
 """The one place where softgrad.distributed calls ``torch.distributed``.
 
-Every collective of the package goes through :func:`all_reduce`, :func:`all_gather_rows`,
-:func:`all_gather_object` or :func:`broadcast` here, for three reasons:
+Every collective of the package goes through :func:`all_reduce`, :func:`all_gather_object` or
+:func:`broadcast` here, for three reasons:
 
 * **Clear failures.** A collective that fails -- a peer exited or crashed (gloo: "Connection
   reset by peer"), or did not arrive within the process group's ``timeout`` (gloo: "Timed out
@@ -41,11 +41,11 @@ class CollectiveError(RuntimeError):
 class CollectiveRecord:
     """One collective call as seen by this rank."""
 
-    op: str  #: "all_reduce:sum", "all_reduce:max", "all_gather", "all_gather_object", "broadcast"
+    op: str  #: "all_reduce:sum", "all_reduce:max", "all_gather_object" or "broadcast"
     what: str  #: what the buffer holds, e.g. "row max"
     dtype: str  #: element dtype ("object" for pickled objects)
     numel: int  #: elements this rank contributes
-    nbytes: int  #: bytes this rank contributes (for all_gather: its own slice, not the gathered result)
+    nbytes: int  #: bytes this rank contributes (for all_gather_object: its pickle, not the gathered result)
 
 
 _RECORDERS: list[list[CollectiveRecord]] = []
@@ -127,18 +127,6 @@ def all_reduce(tensor: torch.Tensor, op: str, group, what: str) -> torch.Tensor:
     except RuntimeError as exc:
         raise _fail(f"all_reduce({op})", what, group, exc) from exc
     return tensor
-
-
-def all_gather_rows(tensor: torch.Tensor, group, world_size: int, what: str) -> torch.Tensor:
-    """``(world_size, *tensor.shape)``: every rank's ``tensor`` (same shape everywhere), in rank order."""
-    parts = [torch.empty_like(tensor) for _ in range(world_size)]
-    _note("all_gather", what, str(tensor.dtype).removeprefix("torch."), tensor.numel(),
-          tensor.numel() * tensor.element_size())
-    try:
-        dist.all_gather(parts, tensor.contiguous(), group=group)
-    except RuntimeError as exc:
-        raise _fail("all_gather", what, group, exc) from exc
-    return torch.stack(parts)
 
 
 def all_gather_object(obj, group, world_size: int, what: str) -> list:

@@ -3,10 +3,10 @@ r"""Vocabulary-parallel cross-entropy: each rank holds a block of columns of the
 Layout. The ``P`` ranks of a process group hold contiguous, possibly uneven, blocks of the
 ``V`` classes in rank order: rank ``k`` holds columns ``[o_k, o_k + V_k)`` with
 ``o_k = V_0 + ... + V_{k-1}`` and ``V = sum_k V_k`` (``V_k = 0`` is allowed). The layout
-is not passed in: one all-gather of a few integers per call (:func:`_agree`) gives every rank
-every width, and carries what the ranks must agree on (rows, dtype, options, a checksum of the
-target, the local input checks), so a bad input on one rank raises the same ``ValueError``
-on every rank instead of leaving the others blocked in the next collective.
+is not passed in: one max all-reduce of ``2 P + 16`` integers per call (:func:`_agree`) gives
+every rank every width, and carries what the ranks must agree on (rows, dtype, options, a
+checksum of the target, the local input checks), so a bad input on one rank raises the same
+``ValueError`` on every rank instead of leaving the others blocked in the next collective.
 
 Per row, shard ``k`` reduces its own columns with the fused row kernels
 (``row_stats`` of :mod:`softgrad.torch._torch_cross_entropy` on CPU, of
@@ -79,24 +79,30 @@ class Layout(NamedTuple):
     all_full_weight: bool  #: every rank passed the full (V,) weight (w_y needs no communication)
 
 
-_META = ("rows", "width", "prob", "dtype", "options", "target_sum", "target_min", "target_max", "bad_target",
-         "weight_len", "bad_weight", "extra")
+# Fields every rank must agree on; each travels as +x and -x in one MAX all-reduce, so that
+# max(x) == -max(-x) exactly when all ranks hold the same x.
+_AGREED = ("rows", "dtype", "prob", "options", "extra", "target_sum")
+_CHECKSUM_MOD = 1 << 61  # keeps the target checksum and its negation inside int64
 
 
 def _target_checksum(target: Tensor) -> Tensor:
-    """An int64 checksum of the row targets, position-weighted, so that any differing ranks disagree."""
+    """An int64 checksum of the row targets in ``[0, 2^61)``, position-weighted, so that differing ranks disagree."""
     n = target.shape[0]
     position = torch.arange(n, device=target.device, dtype=torch.int64) % 65521 + 1
-    return (target.to(torch.int64) * position).sum()
+    return torch.remainder((target.to(torch.int64) * position).sum(), _CHECKSUM_MOD)
 
 
 def _agree(group, rank: int, world: int, *, rows: int, width: int, prob: bool, dtype: torch.dtype, options: tuple,
            target: Tensor, ignore_index: int, weight: Tensor | None, extra: int, device: torch.device,
            what: str) -> Layout:
-    """All-gather a few integers per rank, check them identically on every rank, and return the layout.
+    """One MAX all-reduce of ``2 P + 16`` int64, checked identically on every rank; returns the layout.
 
-    The checks run on the gathered table, which is the same on every rank, so every rank
-    raises the same exception (naming the argument and the rank) or none does.
+    The vector holds every rank's width and weight length at its own index (zeros elsewhere,
+    so the maximum gathers them), each agreed field as ``+x`` and ``-x``, the target range, and
+    the local input checks as ``rank + 1`` where they failed. Every rank then runs the same checks
+    on the same reduced vector, so every rank raises the same exception (naming the argument and,
+    where it is known, the rank) or none does. An all-reduce rather than an all-gather: its
+    latency grows like ``log P`` with a tree algorithm instead of ``P``.
     """
     zero = torch.zeros((), dtype=torch.int64, device=device)
     if prob:
@@ -108,57 +114,66 @@ def _agree(group, rank: int, world: int, *, rows: int, width: int, prob: bool, d
         t_min, t_max = (kept.min(), kept.max()) if rows else (zero, zero)
         bad_target = zero
     bad_weight = zero if weight is None else (~torch.isfinite(weight).all()).to(torch.int64)
-    scalars = [rows, width, int(prob), _FLOAT_DTYPES.index(dtype), zlib.crc32(repr(options).encode()),
-               target_sum, t_min, t_max, bad_target, -1 if weight is None else weight.shape[0], bad_weight, extra]
-    meta = torch.stack([torch.as_tensor(v, dtype=torch.int64, device=device) for v in scalars])
-    table = _comm.all_gather_rows(meta, group, world, f"{what} layout and checks").tolist()  # one host sync
-    col = {name: [row[i] for row in table] for i, name in enumerate(_META)}
+    agreed = {"rows": rows, "dtype": _FLOAT_DTYPES.index(dtype), "prob": int(prob),
+              "options": zlib.crc32(repr(options).encode()), "extra": int(extra), "target_sum": target_sum}
+    vec = torch.zeros(2 * world + 2 * len(_AGREED) + 4, dtype=torch.int64, device=device)
+    vec[rank] = width
+    vec[world + rank] = 1 if weight is None else weight.shape[0] + 2  # 1: no weight; n + 2: n entries
+    fields = torch.stack([torch.as_tensor(agreed[k], dtype=torch.int64, device=device) for k in _AGREED])
+    base = 2 * world
+    vec[base:base + len(_AGREED)] = fields
+    vec[base + len(_AGREED):base + 2 * len(_AGREED)] = -fields
+    tail = base + 2 * len(_AGREED)
+    vec[tail] = t_max
+    vec[tail + 1] = -t_min
+    vec[tail + 2] = bad_target * (rank + 1)
+    vec[tail + 3] = bad_weight * (rank + 1)
+    out = _comm.all_reduce(vec, "max", group, f"{what} layout and checks").tolist()  # one host sync
+    widths = tuple(out[:world])
+    weight_lens = [n - 2 for n in out[world:2 * world]]  # -1: no weight
+    high = dict(zip(_AGREED, out[base:base + len(_AGREED)]))
+    low = {k: -v for k, v in zip(_AGREED, out[base + len(_AGREED):tail])}
+    t_max, t_min = out[tail], -out[tail + 1]
+    bad_target_rank, bad_weight_rank = out[tail + 2] - 1, out[tail + 3] - 1
 
-    def same(name: str) -> bool:
-        return len(set(col[name])) == 1
-
-    if not same("rows"):
-        raise ValueError(f"{what}: ranks disagree on the number of rows N: {col['rows']} (rank order); every rank "
-                         "must hold all N rows of its columns")
-    if not same("dtype"):
-        raise ValueError(f"{what}: ranks pass different dtypes: {[str(_FLOAT_DTYPES[i]) for i in col['dtype']]}")
-    if not same("prob"):
+    if high["rows"] != low["rows"]:
+        raise ValueError(f"{what}: ranks disagree on the number of rows N (from {low['rows']} to {high['rows']}); "
+                         "every rank must hold all N rows of its columns")
+    if high["dtype"] != low["dtype"]:
+        raise ValueError(f"{what}: ranks pass different dtypes ({_FLOAT_DTYPES[low['dtype']]} and "
+                         f"{_FLOAT_DTYPES[high['dtype']]})")
+    if high["prob"] != low["prob"]:
         raise ValueError("target: some ranks pass class indices and others class probabilities")
-    if not same("options"):
+    if high["options"] != low["options"]:
         raise ValueError("ranks pass different options (ignore_index, reduction, label_smoothing, z_loss, softcap "
                          "or bias); every rank must call with the same ones")
-    if not same("extra"):
-        raise ValueError(f"{what}: ranks disagree on the hidden size or bias: {col['extra']}")
-    widths = tuple(col["width"])
+    if high["extra"] != low["extra"]:
+        raise ValueError(f"{what}: ranks disagree on the hidden size or bias")
     num_classes = sum(widths)
     if num_classes < 1:
         raise ValueError(f"{what}: the shards hold no classes at all (widths {list(widths)})")
     if prob:
-        bad = [r for r, flag in enumerate(col["bad_target"]) if flag]
-        if bad:
+        if bad_target_rank >= 0:
             raise ValueError(f"target (class probabilities) contains negative, NaN or infinite entries "
-                             f"(on rank {bad[0]})")
+                             f"(on rank {bad_target_rank})")
     else:
-        if not same("target_sum"):
+        if high["target_sum"] != low["target_sum"]:
             raise ValueError("target differs between ranks; every rank must pass the same (N,) class indices")
-        low, high = col["target_min"][0], col["target_max"][0]
-        if low < 0 or high >= num_classes:
-            value = low if low < 0 else high
+        if t_min < 0 or t_max >= num_classes:
+            value = t_min if t_min < 0 else t_max
             raise ValueError(f"target contains class index {value} outside [0, {num_classes}) or "
                              f"ignore_index={ignore_index}")
-    lens = col["weight_len"]
     all_full = False
-    if any(n >= 0 for n in lens):
-        for r, (n, w) in enumerate(zip(lens, widths)):
+    if any(n >= 0 for n in weight_lens):
+        for r, (n, w) in enumerate(zip(weight_lens, widths)):
             if n < 0:
                 raise ValueError(f"weight: rank {r} passes none while other ranks pass class weights")
             if n not in (num_classes, w):
                 raise ValueError(f"weight on rank {r} has {n} entries; pass the full ({num_classes},) class weights "
                                  f"or that rank's shard of them ({w},)")
-        bad = [r for r, flag in enumerate(col["bad_weight"]) if flag]
-        if bad:
-            raise ValueError(f"weight contains NaN or infinite entries (on rank {bad[0]})")
-        all_full = all(n == num_classes for n in lens)
+        if bad_weight_rank >= 0:
+            raise ValueError(f"weight contains NaN or infinite entries (on rank {bad_weight_rank})")
+        all_full = all(n == num_classes for n in weight_lens)
     return Layout(sum(widths[:rank]), widths[rank], num_classes, widths, all_full)
 
 
@@ -466,8 +481,8 @@ def vocab_parallel_cross_entropy(
     + \zeta \operatorname{lse}^2`). Reductions, ignored rows and the NaN of a mean over nothing
     follow :func:`softgrad.torch.cross_entropy`.
 
-    Communication per call, all ``O(N)`` and independent of ``V``: one all-gather of 12 int64
-    per rank (layout and input checks), one max all-reduce of ``N`` numbers and one sum
+    Communication per call, ``O(N + P)`` and independent of ``V``: one max all-reduce of
+    ``2 P + 16`` int64 (layout and input checks), one max all-reduce of ``N`` numbers and one sum
     all-reduce of an ``(N, k)`` block, ``k`` = 2 (+1 with per-shard class weights, +2 with label
     smoothing; probability targets: 3), in float32 (float64 for float64 logits). The backward
     communicates nothing. The local work is the fused row kernels of

@@ -204,8 +204,8 @@ def vocab_parallel_linear_cross_entropy(
 
     No rank ever holds its ``(N, V_k)`` logits whole: the rows are processed in chunks, once
     in the forward (per-row statistics) and once in the backward (gradient). Communication
-    per step: the forward's ``O(N)`` of :func:`vocab_parallel_cross_entropy` (an all-gather of
-    12 int64 per rank, all-reduces of ``N`` and ``2N`` numbers, ``4N`` more with label
+    per step: the forward's ``O(N + P)`` of :func:`vocab_parallel_cross_entropy` (max all-reduces
+    of ``2 P + 16`` int64 and of ``N`` numbers, a sum all-reduce of ``2N``, ``4N`` with label
     smoothing), and in the backward one all-reduce of the ``(N, D)`` hidden gradient in float32
     (float64 for float64) -- the usual price of a replicated input in tensor parallelism.
 
