@@ -25,7 +25,7 @@ processes share cores: such rows measure communication overhead, not speed-up.
 Usage::
 
     python benchmarks/bench_distributed.py            # P = 1, 2, 3; writes results/bench_distributed_<device>.json + .png
-    python benchmarks/bench_distributed.py --quick    # tiny shapes, P = 2 only, results to a temporary directory
+    python benchmarks/bench_distributed.py --quick    # tiny shapes, P = 1 and 2, results to a temporary directory
     python benchmarks/bench_distributed.py --project benchmarks/results/bench_distributed_cpu-2-cores.json
                                                       # the scaling model of docs/DISTRIBUTED.md for 2 .. 1024 ranks
 """
@@ -49,7 +49,7 @@ import _harness  # noqa: E402
 FULL = dict(n=2048, v=32768, d=256, n_lin=1024, n_fit=60000, d_fit=128, c_fit=20, fit_iter=30, repeats=5,
             worlds=(1, 2, 3), allreduce_max_log2=23)
 QUICK = dict(n=64, v=1000, d=16, n_lin=32, n_fit=600, d_fit=8, c_fit=4, fit_iter=5, repeats=2,
-             worlds=(2,), allreduce_max_log2=12)
+             worlds=(1, 2), allreduce_max_log2=12)
 
 
 # ----------------------------------------------------------------------------- workers (run on every rank)
@@ -402,7 +402,7 @@ def project(payload: dict, worlds=(2, 3, 8, 64, 256, 1024)) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, P = 2 only, results to a temporary directory")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, P = 1 and 2, results to a temporary directory")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per measurement")
     parser.add_argument("--project", metavar="JSON", help="print the scaling model's table for a results file and exit")
     args = parser.parse_args(argv)
