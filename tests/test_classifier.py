@@ -10,6 +10,7 @@ import subprocess
 import sys
 import warnings
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -234,9 +235,39 @@ def test_small_fits_run_on_one_thread(monkeypatch):
     assert seen and all(set(t.values()) == {1} for t in seen)
     monkeypatch.setattr(_classifier, "_SERIAL_MAX_WORK", 1)  # now every fit counts as large
     seen.clear()
-    SoftmaxClassifier(max_iter=2, callback=lambda n, J: seen.append(blas_threads())).fit(X, y)
+    SoftmaxClassifier(solver="gd", max_iter=2, callback=lambda n, J: seen.append(blas_threads())).fit(X, y)
     assert seen and all(t == outside for t in seen)
     assert blas_threads() == outside
+
+
+def test_lbfgs_limits_only_scipys_own_blas(monkeypatch):
+    """During L-BFGS-B, SciPy's bundled BLAS runs on one thread; NumPy's BLAS and the kernels keep theirs."""
+    import scipy
+    from threadpoolctl import threadpool_info
+
+    from softgrad import _classifier
+
+    scipy_dir = str(Path(scipy.__file__).resolve().parent)
+
+    def threads():
+        return {str(Path(p["filepath"]).resolve()): p["num_threads"] for p in threadpool_info()}
+
+    outside = threads()
+    own = [f for f in outside if f.startswith((scipy_dir + "/", scipy_dir + ".libs/"))
+           and any(p["user_api"] == "blas" and str(Path(p["filepath"]).resolve()) == f for p in threadpool_info())]
+    if not own:
+        pytest.skip("SciPy shares its BLAS with NumPy here: nothing of SciPy's own to limit")
+    if max(outside.values()) < 2:
+        pytest.skip("only one thread available: nothing to limit")
+    monkeypatch.setattr(_classifier, "_SERIAL_MAX_WORK", 1)  # keep the caller's threads for the evaluations
+    seen = []
+    X, y = IRIS
+    SoftmaxClassifier(max_iter=3, callback=lambda n, J: seen.append(threads())).fit(X, y)
+    assert seen
+    for during in seen:
+        assert all(during[f] == 1 for f in own), during
+        assert {f: t for f, t in during.items() if f not in own} == {f: t for f, t in outside.items() if f not in own}
+    assert threads() == outside
 
 
 def test_probabilities_and_log_probabilities():

@@ -154,8 +154,6 @@ class _Curve:
 
 def _fit_lbfgs(est, X64, X32, target, row_scale, W, b, reducer, curve):
     """The single-process estimator's L-BFGS-B schedule, on the all-reduced objective."""
-    import scipy.optimize
-
     from softgrad import _classifier
 
     shape, fit_intercept = W.shape, b is not None
@@ -165,9 +163,8 @@ def _fit_lbfgs(est, X64, X32, target, row_scale, W, b, reducer, curve):
         curve(intermediate_result.fun)
 
     def run(fun, start, maxiter):
-        return scipy.optimize.minimize(
-            fun, start, method="L-BFGS-B", jac=True, callback=record,
-            options={"maxiter": int(maxiter), "maxls": 50, "gtol": est.tol, "ftol": _classifier._FTOL})
+        return _classifier._minimize_lbfgs(fun, start, maxiter=maxiter, gtol=est.tol, ftol=_classifier._FTOL,
+                                           callback=record)
 
     if X32 is not None:
         # float32 phase (ends at the gradient tolerance or when its noisy line searches stall),
