@@ -141,7 +141,7 @@ def _chart(rows, path):
     import matplotlib.pyplot as plt
 
     problems = list(dict.fromkeys(r["problem"] for r in rows))
-    fig, axes = plt.subplots(1, len(problems), figsize=(6 * len(problems), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(problems), figsize=(6 * len(problems), 4.8), squeeze=False)
     colours = {"sklearn_lbfgs": "#777777", "softgrad_lbfgs": "#1f77b4", "softgrad_lbfgs_f64": "#6baed6",
                "softgrad_gd": "#ff7f0e", "softgrad_sgd": "#2ca02c"}
     for ax, problem in zip(axes[0], problems):
@@ -153,10 +153,13 @@ def _chart(rows, path):
             ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
                     f"  {r['fit_s']:.2f} s, {r['ratio_vs_sklearn']:.2f}x, gap {r['objective_gap']:.1e}",
                     va="center", fontsize=8)
-        floor = sub[0].get("floor_s")
-        if floor:
-            ax.axvline(floor, color="k", ls=":", lw=1, label=f"floor (products x sklearn's evals) {floor:.2f} s")
-            ax.legend(loc="lower right", fontsize=8)
+        evals = next((r["n_evals"] for r in sub if r["impl"] == "sklearn_lbfgs"), 0)
+        for dtype, style in (("f64", ":"), ("f32", "--")):
+            floor = sub[0][f"floor_ms_per_eval_{dtype}"] * evals / 1e3
+            if floor:
+                ax.axvline(floor, color="k", ls=style, lw=1,
+                           label=f"floor: {dtype} products x sklearn's {evals} evaluations, {floor:.2f} s")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, frameon=False)
         ax.invert_yaxis()
         ax.set_xlabel("fit time (s), one run")
         ax.set_title(f"{problem}: N={sub[0]['n']}, D={sub[0]['d']}, C={sub[0]['c']}")
