@@ -253,8 +253,8 @@ def test_lbfgs_limits_only_scipys_own_blas(monkeypatch):
         return {str(Path(p["filepath"]).resolve()): p["num_threads"] for p in threadpool_info()}
 
     outside = threads()
-    own = [f for f in outside if f.startswith((scipy_dir + "/", scipy_dir + ".libs/"))
-           and any(p["user_api"] == "blas" and str(Path(p["filepath"]).resolve()) == f for p in threadpool_info())]
+    blas = {str(Path(p["filepath"]).resolve()) for p in threadpool_info() if p["user_api"] == "blas"}
+    own = [f for f in blas if f.startswith((scipy_dir + "/", scipy_dir + ".libs/"))]
     if not own:
         pytest.skip("SciPy shares its BLAS with NumPy here: nothing of SciPy's own to limit")
     if max(outside.values()) < 2:
