@@ -116,6 +116,50 @@ def test_set_backend_and_use_backend():
     assert softgrad.get_backend() == before
 
 
+def test_use_backend_is_local_to_the_thread():
+    """Two threads in different use_backend blocks each see their own; the process default is untouched."""
+    import threading
+
+    before = softgrad.get_backend()
+    seen, errors = {}, []
+    barrier = threading.Barrier(2)
+
+    def worker(name):
+        try:
+            with softgrad.use_backend(name):
+                barrier.wait(timeout=10)  # both blocks are open at once
+                seen[name] = [softgrad.get_backend() for _ in range(100)]
+                barrier.wait(timeout=10)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    names = ["numpy", "numba" if "numba" in softgrad.available_backends() else "numpy"]
+    threads = [threading.Thread(target=worker, args=(n,)) for n in dict.fromkeys(names)]
+    if len(threads) == 1:
+        threads.append(threading.Thread(target=worker, args=("numpy",)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for name, values in seen.items():
+        assert set(values) == {name}
+    assert softgrad.get_backend() == before
+
+
+def test_use_backend_restores_after_an_exception_and_nests():
+    before = softgrad.get_backend()
+    with pytest.raises(RuntimeError):
+        with softgrad.use_backend("numpy"):
+            raise RuntimeError("inside")
+    assert softgrad.get_backend() == before
+    with softgrad.use_backend("numpy"):
+        for name in softgrad.available_backends():
+            with softgrad.use_backend(name):
+                assert softgrad.get_backend() == name
+            assert softgrad.get_backend() == "numpy"
+
+
 def test_set_backend_reports_a_module_that_fails(monkeypatch):
     monkeypatch.setitem(_backend._MODULES, "broken", "softgrad._no_such_kernels")
     with pytest.raises(ImportError):

@@ -11,7 +11,9 @@ the kernel contract):
 The default is ``"numba"`` when its module loads and ``"numpy"`` otherwise, with one
 ``RuntimeWarning`` that says why (Numba not installed, or installed but failing to
 load). The environment variable ``SOFTGRAD_BACKEND`` (read when the backend is first
-needed) or :func:`set_backend` / :func:`use_backend` overrides it.
+needed) or :func:`set_backend` overrides it for the whole process; :func:`use_backend`
+overrides it inside a ``with`` block for the current thread (or asyncio task) only: the
+override lives in a :class:`contextvars.ContextVar`, so threads never see each other's.
 
 Threads (numba backend): as many as Numba's own setting for the calling thread --
 ``NUMBA_NUM_THREADS`` (which joblib's process workers set to their share of the
@@ -22,6 +24,7 @@ which :mod:`softgrad._kernels._numba` registers a controller.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 import os
 import warnings
@@ -34,7 +37,8 @@ _MODULES = {
 }
 _ENV_VAR = "SOFTGRAD_BACKEND"
 
-_active: str | None = None
+_active: str | None = None  # the process-wide choice (set_backend, or the default)
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("softgrad_backend", default=None)
 _loaded: dict[str, ModuleType] = {}
 _failed: dict[str, Exception] = {}
 _warned_fallback = False
@@ -105,15 +109,8 @@ def _default_backend() -> str:
     return "numba"
 
 
-def set_backend(name: str) -> None:
-    """Select the backend for all later calls: ``"numpy"`` or ``"numba"``.
-
-    Raises:
-        ValueError: ``name`` is not a known backend.
-        ImportError: the backend's dependencies are not installed, or its module
-            failed to load.
-    """
-    global _active
+def _checked_name(name: str) -> str:
+    """``name`` lower-cased once its backend loads; raises as :func:`set_backend` documents."""
     if not isinstance(name, str) or name.lower() not in _MODULES:
         raise ValueError(f"backend must be one of {sorted(_MODULES)}, got {name!r}")
     name = name.lower()
@@ -123,16 +120,34 @@ def set_backend(name: str) -> None:
         raise
     except Exception as exc:
         raise ImportError(f"backend {name!r} failed to load ({type(exc).__name__}: {exc})") from exc
-    _active = name
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Select the process-wide backend for all later calls: ``"numpy"`` or ``"numba"``.
+
+    A :func:`use_backend` block that is active in the calling thread still takes precedence
+    inside that block.
+
+    Raises:
+        ValueError: ``name`` is not a known backend.
+        ImportError: the backend's dependencies are not installed, or its module
+            failed to load.
+    """
+    global _active
+    _active = _checked_name(name)
 
 
 def get_backend() -> str:
-    """Return the name of the active backend.
+    """Return the name of the backend active in this thread: a :func:`use_backend` override, else the process's.
 
     >>> get_backend() in available_backends()
     True
     """
     global _active
+    override = _override.get()
+    if override is not None:
+        return override
     if _active is None:
         _active = _default_backend()
     return _active
@@ -140,18 +155,23 @@ def get_backend() -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Context manager that selects ``name`` inside the ``with`` block only.
+    """Context manager that selects ``name`` inside the ``with`` block, for the calling thread only.
+
+    Other threads keep their own choice; blocks nest; the previous choice returns on exit,
+    also when the block raises.
+
+    Raises:
+        ValueError, ImportError: as :func:`set_backend`.
 
     >>> with use_backend("numpy"):
     ...     get_backend()
     'numpy'
     """
-    previous = get_backend()
-    set_backend(name)
+    token = _override.set(_checked_name(name))
     try:
         yield
     finally:
-        set_backend(previous)
+        _override.reset(token)
 
 
 def kernels() -> ModuleType:

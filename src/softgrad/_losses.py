@@ -1,16 +1,12 @@
 """Losses on softmax outputs and their gradients.
 
 ``cross_entropy`` / ``softmax_cross_entropy`` follow ``torch.nn.functional.cross_entropy``
-for every option. The per-row work happens in the backend's ``cross_entropy_index`` /
-``cross_entropy_probs`` kernels; the reductions (``mean``/``sum``) and their
-denominators are O(N) and are done here, passed to the kernel as ``grad_scale``.
-
-Deliberate differences from PyTorch (documented in the functions):
-
-* probability targets: a term with target (times weight) exactly 0 contributes 0 even
-  where the logit is ``-inf`` (``0 * log 0 = 0``); PyTorch returns NaN there;
-* ``reduction="mean"`` over zero total weight (every target ignored, or all selected
-  weights 0): the loss is NaN, as in PyTorch, and the gradient is all zeros.
+for every option, plus the z-loss and logit softcapping of ``softgrad.torch.cross_entropy``:
+the rule (options, per-row formula, reductions, and the zero-coefficient convention that
+is our one deliberate difference from PyTorch) is :mod:`softgrad._cross_entropy_rule`. The
+per-row work happens in the backend's ``cross_entropy_index`` / ``cross_entropy_probs``
+kernels; the reductions and their denominators are O(N) and are done here, passed to the
+kernel as the per-row factors ``kappa`` (``grad_scale``) and ``zeta`` (``z_scale``).
 """
 
 from __future__ import annotations
@@ -19,82 +15,81 @@ from typing import Any
 
 import numpy as np
 
+from softgrad import _cross_entropy_rule as _rule
 from softgrad import _validation as _v
 from softgrad._backend import kernels as _kernels
 
 
 def _grad_scale(reduction: str, denom: float) -> float:
     """Factor on each row's gradient: ``1/denom`` for a mean (0 when ``denom`` is 0), else 1."""
-    if reduction != "mean":
-        return 1.0
-    return 1.0 / denom if denom != 0.0 else 0.0
+    return _rule.reduction_factors(reduction, float(denom), float(denom))[0]
 
 
 def _reduce(loss_rows: np.ndarray, reduction: str, denom: float, layout: _v.RowLayout):
     """Per-row float64 losses -> the caller's result in the caller's dtype."""
+    loss, _ = _rule.reduce_rows(loss_rows, np.zeros_like(loss_rows), reduction, float(denom), float(denom))
     if reduction == "none":
-        return layout.from_batch(loss_rows)
-    if reduction == "sum":
-        return layout.dtype.type(loss_rows.sum())
-    return layout.dtype.type(loss_rows.sum() / denom if denom != 0.0 else np.nan)
+        return layout.from_batch(loss)
+    return layout.dtype.type(loss)
 
 
-def _cross_entropy_rows(logits, target, weight, ignore_index, reduction, label_smoothing,
+def _cross_entropy_rows(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
                         axis, with_grad):
     """Validate, run the kernel, reduce. Returns ``(loss, grad rows or None, layout)``."""
-    reduction = _v.check_reduction(reduction)
-    label_smoothing = _v.check_label_smoothing(label_smoothing)
-    ignore_index = _v.check_int(ignore_index, "ignore_index")
+    opts = _rule.CrossEntropyOptions.checked(ignore_index=ignore_index, reduction=reduction,
+                                             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
     rows, layout = _v.logits_rows(logits, axis)
     N, C = rows.shape
-    kind, tgt = _v.class_target(target, layout, ignore_index)
-    if kind == "probs" and ignore_index != -100:
-        raise ValueError("ignore_index is not supported with probability targets (as in PyTorch); "
-                         f"leave it at -100, got {ignore_index}")
+    kind, tgt = _v.class_target(target, layout, opts.ignore_index)
+    opts.check_target_kind(kind == "probs")
     w = _v.class_weight(weight, C, rows.dtype)
+    count, denom = _rule.denominators(tgt, w, ignore_index=opts.ignore_index, prob_target=kind == "probs",
+                                      num_classes=C)
+    kappa, zeta = _rule.reduction_factors(opts.reduction, count, denom)
     loss_rows = np.zeros(N, dtype=np.float64)
+    lse = np.empty(N, dtype=np.float64)
     grad = np.empty_like(rows) if with_grad else None
-
-    if kind == "index":
-        valid = tgt != ignore_index
-        # PyTorch's mean divides by the summed weight of the non-ignored targets.
-        if w is None:
-            denom = float(valid.sum())
-        else:
-            denom = float(w.astype(np.float64)[tgt[valid]].sum())
-    else:
-        # For probability targets PyTorch's mean divides by the number of rows.
-        denom = float(N)
-    grad_scale = np.full(N, _grad_scale(reduction, denom), dtype=np.float64)
-
+    extra = dict(z_loss=opts.z_loss, z_scale=np.full(N, zeta), softcap=opts.softcap, lse_out=lse)
     k = _kernels()
     if kind == "index":
-        k.cross_entropy_index(rows, tgt, w, ignore_index, label_smoothing, grad_scale, loss_rows, grad)
+        k.cross_entropy_index(rows, tgt, w, opts.ignore_index, opts.label_smoothing, np.full(N, kappa), loss_rows,
+                              grad, **extra)
+        valid = tgt != opts.ignore_index
     else:
-        k.cross_entropy_probs(rows, tgt, w, label_smoothing, grad_scale, loss_rows, grad)
-
-    return _reduce(loss_rows, reduction, denom, layout), grad, layout
+        k.cross_entropy_probs(rows, tgt, w, opts.label_smoothing, np.full(N, kappa), loss_rows, grad, **extra)
+        valid = None
+    loss, _ = _rule.reduce_rows(loss_rows, _rule.z_loss_rows(lse, opts.z_loss, valid), opts.reduction, count, denom)
+    loss = layout.from_batch(loss) if opts.reduction == "none" else layout.dtype.type(loss)
+    return loss, grad, layout
 
 
 def cross_entropy(logits: Any, target: Any, *, weight: Any = None, ignore_index: int = -100,
-                  reduction: str = "mean", label_smoothing: float = 0.0, axis: int = -1):
+                  reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
+                  softcap: float | None = None, axis: int = -1):
     r"""Cross-entropy between ``softmax(logits)`` and ``target``, as PyTorch computes it.
 
-    With :math:`p = \mathrm{log\_softmax}(z)`, smoothing :math:`\varepsilon`, class
-    weights :math:`w` (ones when ``None``) and ``C`` classes, the loss of one row is
+    Per row, with scores :math:`s = c \tanh(z / c)` (only with ``softcap=c``; else
+    :math:`s = z`), :math:`p = \mathrm{log\_softmax}(s)`, smoothing :math:`\varepsilon`,
+    class weights :math:`w` (ones when ``None``), z-loss :math:`\zeta` and ``C`` classes:
 
     .. math::
 
         \text{index target } y:\quad
         \ell = (1-\varepsilon)\, w_y (-p_y) + \frac{\varepsilon}{C} \sum_c w_c (-p_c)
+               + \zeta \operatorname{lse}(s)^2
 
         \text{probability target } t:\quad
         \ell = -\sum_c w_c \big((1-\varepsilon) t_c + \varepsilon / C\big) p_c
+               + \zeta \operatorname{lse}(s)^2
 
-    Rows whose index target equals ``ignore_index`` have loss 0. ``reduction="mean"``
-    divides the summed loss by :math:`\sum_i w_{y_i}` over non-ignored rows for index
-    targets, and by the number of rows for probability targets (PyTorch's convention).
-    A mean over zero total weight (e.g. every target ignored) returns NaN, as PyTorch does.
+    With ``z_loss=0`` and ``softcap=None`` this is ``torch.nn.functional.cross_entropy``
+    for every option. Rows whose index target equals ``ignore_index`` contribute 0.
+    ``reduction="mean"`` divides the summed cross-entropy by :math:`\sum_i w_{y_i}` over
+    non-ignored rows for index targets, by the number of rows for probability targets
+    (PyTorch's convention), and the z-loss by the number of non-ignored rows; a mean over zero
+    total weight (e.g. every target ignored) returns NaN, as PyTorch does. A term whose
+    coefficient is exactly 0 counts 0 even where a logit is ``-inf`` (PyTorch gives NaN; the
+    rule is stated in :mod:`softgrad._cross_entropy_rule`).
 
     Args:
         logits: ``(N, C)`` with ``axis=-1``, or any shape with the class axis at ``axis``
@@ -105,9 +100,11 @@ def cross_entropy(logits: Any, target: Any, *, weight: Any = None, ignore_index:
             default, as PyTorch requires).
         weight: optional ``(C,)`` float per-class weights.
         ignore_index: index target value that contributes neither loss nor gradient.
-        reduction: ``"none"`` (per-row losses, shape of the logits without ``axis``),
-            ``"mean"`` or ``"sum"`` (a scalar).
+        reduction: ``"mean"`` or ``"sum"`` (a scalar), or ``"none"`` (per-row losses, shape
+            of the logits without ``axis``).
         label_smoothing: :math:`\varepsilon \in [0, 1]`.
+        z_loss: :math:`\zeta \ge 0` (PaLM's auxiliary loss).
+        softcap: ``c > 0`` applies :math:`c \tanh(z / c)` to the logits first (Gemma 2), or None.
         axis: the class axis.
 
     Returns:
@@ -115,45 +112,55 @@ def cross_entropy(logits: Any, target: Any, *, weight: Any = None, ignore_index:
 
     Raises:
         TypeError: non-floating ``logits``/``weight``, a target that is neither integer
-            nor floating, non-int ``ignore_index``/``axis``, non-real ``label_smoothing``.
+            nor floating, non-int ``ignore_index``/``axis``, non-real ``label_smoothing``,
+            ``z_loss`` or ``softcap``.
         ValueError: NaN/+inf logits, empty logits, an all ``-inf`` slice, a label out of
             range, a target or weight of the wrong shape, negative probability targets,
-            a non-default ``ignore_index`` with probability targets,
-            unknown ``reduction``, ``label_smoothing`` outside ``[0, 1]``.
+            a non-default ``ignore_index`` with probability targets, ``ignore_index`` outside
+            int64, unknown ``reduction``, ``label_smoothing`` outside ``[0, 1]``, a negative or
+            non-finite ``z_loss``, a non-positive or non-finite ``softcap``.
 
     Examples:
         >>> float(cross_entropy(np.zeros((2, 4)), [1, 3]))  # log 4
         1.3862943611198906
         >>> cross_entropy([[0.0, 0.0], [0.0, 0.0]], [0, -100], reduction="none").round(4)
         array([0.6931, 0.    ])
+        >>> float(cross_entropy([[-np.inf, 0.0]], [0], weight=[0.0, 1.0], reduction="sum"))  # 0 * inf counts 0
+        0.0
     """
-    loss, _, _ = _cross_entropy_rows(logits, target, weight, ignore_index, reduction,
-                                     label_smoothing, axis, with_grad=False)
+    loss, _, _ = _cross_entropy_rows(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                                     softcap, axis, with_grad=False)
     return loss
 
 
 def softmax_cross_entropy(logits: Any, target: Any, *, weight: Any = None, ignore_index: int = -100,
-                          reduction: str = "mean", label_smoothing: float = 0.0, axis: int = -1):
+                          reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
+                          softcap: float | None = None, axis: int = -1):
     r"""Cross-entropy and its gradient with respect to the logits, in one pass.
 
     The loss is exactly :func:`cross_entropy` with the same options. The gradient uses
     the fused closed form (no Jacobian): for an unweighted, unsmoothed index target,
-    :math:`\partial \ell / \partial z = \mathrm{softmax}(z) - e_y`; in general
+    :math:`\partial \ell / \partial z = \mathrm{softmax}(z) - e_y`; in general, with
+    :math:`a = \mathrm{softmax}(s)` and :math:`u` the class coefficients (:math:`w` for index
+    targets, :math:`w_c((1-\varepsilon) t_c + \varepsilon / C)` for probability targets)
 
     .. math::
 
         \frac{\partial \ell}{\partial z} =
-        \Big((1-\varepsilon) w_y + \frac{\varepsilon}{C}\sum_c w_c\Big) a
-        - (1-\varepsilon) w_y e_y - \frac{\varepsilon}{C} w
+        \big(\alpha\, a - \beta\, e_y - \gamma\, u\big) \odot \big(1 - \tanh^2(z / c)\big)
 
-    (index targets; for probability targets :math:`(\sum_c w_c t'_c)\, a - w \odot t'`),
-    scaled by the reduction: ``1/denominator`` for ``"mean"``, 1 for ``"sum"``.
+    with :math:`\alpha = \kappa((1-\varepsilon) w_y + \frac{\varepsilon}{C}\sum_c w_c) + 2\zeta'
+    \zeta \operatorname{lse}`, :math:`\beta = \kappa (1-\varepsilon) w_y`,
+    :math:`\gamma = \kappa \varepsilon / C` (probability targets: :math:`\alpha = \kappa \sum_c u_c +
+    2\zeta'\zeta\operatorname{lse}`, :math:`\beta = 0`, :math:`\gamma = \kappa`), the last factor only
+    with a softcap, and the reduction's factors :math:`\kappa` (``1/denominator`` for ``"mean"``)
+    and :math:`\zeta'` (``1/count`` for ``"mean"``), 1 otherwise.
     With ``reduction="none"`` the gradient returned is that of the **sum** of the
     per-row losses (each row's gradient unscaled). Ignored rows get a zero gradient;
     a mean over zero total weight gives a NaN loss and a zero gradient.
 
     Args:
-        logits, target, weight, ignore_index, reduction, label_smoothing, axis:
+        logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, axis:
             as :func:`cross_entropy`.
 
     Returns:
@@ -168,8 +175,8 @@ def softmax_cross_entropy(logits: Any, target: Any, *, weight: Any = None, ignor
         >>> grad
         array([[ 0.5, -0.5]])
     """
-    loss, grad, layout = _cross_entropy_rows(logits, target, weight, ignore_index, reduction,
-                                             label_smoothing, axis, with_grad=True)
+    loss, grad, layout = _cross_entropy_rows(logits, target, weight, ignore_index, reduction, label_smoothing,
+                                             z_loss, softcap, axis, with_grad=True)
     return loss, layout.from_rows(grad)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-_REDUCTIONS = ("none", "mean", "sum")
+from softgrad._cross_entropy_rule import REDUCTIONS as _REDUCTIONS
 
 
 def as_float_array(x: Any, name: str, *, allow_neg_inf: bool = False,
@@ -275,7 +275,7 @@ def class_weight(weight: Any, num_classes: int, dtype: np.dtype, name: str = "we
 
 
 def check_reduction(reduction: Any, name: str = "reduction") -> str:
-    """Return ``reduction`` if it is ``"none"``, ``"mean"`` or ``"sum"``.
+    """Return ``reduction`` if it is ``"mean"``, ``"sum"`` or ``"none"``.
 
     >>> check_reduction("sum")
     'sum'
@@ -283,21 +283,6 @@ def check_reduction(reduction: Any, name: str = "reduction") -> str:
     if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
         raise ValueError(f"{name} must be one of {_REDUCTIONS}, got {reduction!r}")
     return reduction
-
-
-def check_label_smoothing(value: Any, name: str = "label_smoothing") -> float:
-    """Return ``value`` as a float in ``[0, 1]``.
-
-    Raises:
-        TypeError: not a real number.
-        ValueError: outside ``[0, 1]`` or NaN.
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float in [0, 1], got {type(value).__name__}")
-    value = float(value)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
-    return value
 
 
 def check_int(value: Any, name: str) -> int:

@@ -390,11 +390,13 @@ def _softmax_backward(grad_probs, probs, out):
 
 @njit(fastmath=_FASTMATH, cache=True)
 def _weighted_sum(z, weight, has_weight):
-    """``sum_k w_k z_k`` (``w = 1`` without weights) in float64; ``-inf`` if a weighted z is ``-inf``."""
+    """``sum_k w_k z_k`` (``w = 1`` without weights) in float64; a term with ``w_k = 0`` is 0 even
+    where ``z_k = -inf`` (the rule's zero coefficient), another ``-inf`` term makes the sum ``-inf``."""
     s = 0.0
     if has_weight:
         for k in range(z.shape[0]):
-            s += np.float64(weight[k]) * np.float64(z[k])
+            w = np.float64(weight[k])
+            s += w * np.float64(z[k]) if w != 0.0 else 0.0
     else:
         for k in range(z.shape[0]):
             s += np.float64(z[k])
@@ -402,15 +404,17 @@ def _weighted_sum(z, weight, has_weight):
 
 
 @njit(**_JIT)
-def _cross_entropy_index(logits, target, weight, has_weight, weight_sum, ignore_index,
-                         eps, grad_scale, loss_out, grad_out, mode, block, n_chunks):
-    # Loss of row i with label y, smoothing eps, weights w (W = sum_c w_c), m = max z,
-    # s = sum_c exp(z_c - m), so -log p_c = log s - (z_c - m):
+def _cross_entropy_index(logits, target, weight, has_weight, weight_sum, ignore_index, eps, zl,
+                         grad_scale, z_scale, loss_out, lse_out, has_lse, grad_out, mode, block, n_chunks):
+    # The rule of softgrad._cross_entropy_rule for a row with label y, smoothing eps, weights
+    # w (W = sum_c w_c), m = max z, s = sum_c exp(z_c - m), so -log p_c = log s - (z_c - m):
     #   loss = (1-eps) w_y (log s - (z_y - m)) + (eps/C) (W log s - sum_c w_c (z_c - m))
-    # Gradient (d(-log p_c)/dz = a - e_c with a_c = exp(z_c - m) / s):
-    #   dloss/dz = ((1-eps) w_y + eps W / C) a - (1-eps) w_y e_y - (eps/C) w
-    # times grad_scale[i]. `mode` is _SUM (loss only), _STORE or _IN_PLACE (grad_out is
-    # logits: z_y and the smoothing sum of a block are read before the block is overwritten).
+    # (a zero coefficient counts 0 also against z = -inf). Gradient of
+    # kappa loss + zeta zl lse^2 (d(-log p_c)/dz = a - e_c with a_c = exp(z_c - m) / s):
+    #   dloss/dz = alpha a - kappa (1-eps) w_y e_y - kappa (eps/C) w,
+    #   alpha = kappa ((1-eps) w_y + eps W / C) + 2 zeta zl lse.
+    # `mode` is _SUM (loss only), _STORE or _IN_PLACE (grad_out is logits: z_y and the
+    # smoothing sum of a block are read before the block is overwritten).
     N, C = logits.shape
     nb = (C + block - 1) // block
     has_grad = mode != _SUM
@@ -419,17 +423,24 @@ def _cross_entropy_index(logits, target, weight, has_weight, weight_sum, ignore_
         lo, hi = _chunk(c, n_chunks, N)
         for i in range(lo, hi):
             y = target[i]
+            row = logits[i]
             if y == ignore_index:
                 loss_out[i] = 0.0
+                if has_lse:  # the row's lse without touching the gradient buffer
+                    m, s = row.dtype.type(-np.inf), 0.0
+                    for b in range(nb):
+                        bm, bs = _block_exp(row[b * block:(b + 1) * block], row, _SUM)
+                        m, s = _combine(m, s, bm, bs)
+                    lse_out[i] = np.float64(m) + math.log(s)
                 if has_grad:
                     g = grad_out[i]
                     for k in range(C):
                         g[k] = 0.0
                 continue
-            row = logits[i]
             g = grad_out[i] if has_grad else row
             z_y = np.float64(row[y])
             w_y = np.float64(weight[y]) if has_weight else 1.0
+            c1 = (1.0 - eps) * w_y
             m, s, side = row.dtype.type(-np.inf), 0.0, 0.0
             for b in range(nb):
                 z = row[b * block:(b + 1) * block]
@@ -439,16 +450,19 @@ def _cross_entropy_index(logits, target, weight, has_weight, weight_sum, ignore_
                 bmax[b] = bm
                 m, s = _combine(m, s, bm, bs)
             m64, log_s = np.float64(m), math.log(s)
-            loss = (1.0 - eps) * w_y * (log_s - (z_y - m64))
+            lse = m64 + log_s
+            loss = c1 * (log_s - (z_y - m64)) if c1 != 0.0 else 0.0
             if eps > 0.0:
                 # sum_c w_c (z_c - m) = sum_c w_c z_c - W m
                 loss += (eps / C) * (weight_sum * log_s - (side - weight_sum * m64))
             loss_out[i] = loss
+            if has_lse:
+                lse_out[i] = lse
             if not has_grad:
                 continue
-            scale = grad_scale[i]
-            coef = scale * ((1.0 - eps) * w_y + eps * weight_sum / C) / s
-            c_w = scale * eps / C
+            kappa = grad_scale[i]
+            coef = (kappa * (c1 + eps * weight_sum / C) + 2.0 * zl * z_scale[i] * lse) / s
+            c_w = kappa * eps / C
             for b in range(nb):
                 gb = g[b * block:(b + 1) * block]
                 f = coef * math.exp(np.float64(bmax[b]) - m64)
@@ -459,7 +473,7 @@ def _cross_entropy_index(logits, target, weight, has_weight, weight_sum, ignore_
                 else:
                     _scale_block_sub(gb, f, c_w)
             # the label's entry, where a_y - 1 cancels, recomputed in float64
-            g[y] = coef * math.exp(z_y - m64) - scale * (1.0 - eps) * w_y - c_w * w_y
+            g[y] = coef * math.exp(z_y - m64) - kappa * c1 - c_w * w_y
 
 
 @njit(cache=True)
@@ -481,12 +495,12 @@ def _target_sums(z, t, weight, has_weight, eps, k0, k1):
 
 
 @njit(**_JIT)
-def _cross_entropy_probs(logits, target, weight, has_weight, eps, grad_scale, loss_out,
-                         grad_out, mode, block, n_chunks):
+def _cross_entropy_probs(logits, target, weight, has_weight, eps, zl, grad_scale, z_scale, loss_out,
+                         lse_out, has_lse, grad_out, mode, block, n_chunks):
     # With smoothed targets t'_c = (1-eps) t_c + eps/C and u_c = w_c t'_c:
     #   loss = -sum_c u_c (z_c - m - log s) = T log s - (sum_c u_c z_c - T m),  T = sum_c u_c
-    # (terms with u_c = 0 count 0, also where z_c = -inf), and
-    #   dloss/dz = T a - u,  times grad_scale[i].
+    # (terms with u_c = 0 count 0, also where z_c = -inf), and the gradient of
+    # kappa loss + zeta zl lse^2 is (kappa T + 2 zeta zl lse) a - kappa u.
     N, C = logits.shape
     nb = (C + block - 1) // block
     has_grad = mode != _SUM
@@ -505,17 +519,101 @@ def _cross_entropy_probs(logits, target, weight, has_weight, eps, grad_scale, lo
                 bm, bs = _block_exp(row[k0:k1], g[k0:k1], mode)
                 bmax[b] = bm
                 m, s = _combine(m, s, bm, bs)
-            m64 = np.float64(m)
-            loss_out[i] = total * math.log(s) - (dot - total * m64)
+            m64, log_s = np.float64(m), math.log(s)
+            loss_out[i] = total * log_s - (dot - total * m64)
+            if has_lse:
+                lse_out[i] = m64 + log_s
             if not has_grad:
                 continue
-            scale = grad_scale[i]
-            coef = scale * total / s
+            kappa = grad_scale[i]
+            coef = (kappa * total + 2.0 * zl * z_scale[i] * (m64 + log_s)) / s
             for b in range(nb):
                 k0, k1 = b * block, min((b + 1) * block, C)
                 f = coef * math.exp(np.float64(bmax[b]) - m64)
                 for k in range(k0, k1):
-                    g[k] = np.float64(g[k]) * f - scale * _smoothed_target(t, weight, has_weight, eps, C, k)
+                    g[k] = np.float64(g[k]) * f - kappa * _smoothed_target(t, weight, has_weight, eps, C, k)
+
+
+@njit(cache=True)
+def _class_coefficient(is_prob, t_row, weight, has_weight, eps, C, k):
+    """``u_k``: ``w_k`` (1 without weights) for index targets, ``w_k ((1-eps) t_k + eps/C)`` for probabilities."""
+    if is_prob:
+        return _smoothed_target(t_row, weight, has_weight, eps, C, k)
+    return np.float64(weight[k]) if has_weight else 1.0
+
+
+@njit(**_JIT)
+def _cross_entropy_softcap(logits, index_target, prob_target, is_prob, weight, has_weight, ignore_index, eps, zl,
+                           cap, grad_scale, z_scale, loss_out, lse_out, has_lse, grad_out, has_grad, n_chunks):
+    # The rule on scores s_c = cap tanh(z_c / cap), with the chain-rule factor
+    # ds_c/dz_c = 1 - tanh^2(z_c / cap) on the gradient:
+    #   g_c = (alpha a_c - beta [c = y] - gamma u_c) (1 - (s_c / cap)^2)
+    # (alpha, beta, gamma as in softgrad._cross_entropy_rule). Three plain float64 passes per
+    # row (scores and max; sum, dot, mass; gradient); with a gradient buffer the scores are
+    # kept in it between the passes (in place too: each entry is read before it is written).
+    N, C = logits.shape
+    need_dot = is_prob or eps > 0.0
+    for c in prange(n_chunks):
+        lo, hi = _chunk(c, n_chunks, N)
+        for i in range(lo, hi):
+            row = logits[i]
+            y = -1 if is_prob else index_target[i]
+            ignored = (not is_prob) and y == ignore_index
+            store = has_grad and not ignored
+            g = grad_out[i] if has_grad else row
+            t_row = prob_target[i] if is_prob else prob_target[0:0].reshape(0)
+            s_y = 0.0
+            if not is_prob and not ignored:
+                s_y = cap * math.tanh(np.float64(row[y]) / cap)
+            m = -np.inf
+            for k in range(C):
+                sk = cap * math.tanh(np.float64(row[k]) / cap)
+                if store:
+                    g[k] = sk
+                m = max(m, sk)
+            d, dot, mass = 0.0, 0.0, 0.0
+            for k in range(C):
+                sk = np.float64(g[k]) if store else cap * math.tanh(np.float64(row[k]) / cap)
+                d += math.exp(sk - m)
+                if need_dot:
+                    u = _class_coefficient(is_prob, t_row, weight, has_weight, eps, C, k)
+                    mass += u
+                    dot += u * (sk - m) if u != 0.0 else 0.0
+            log_d = math.log(d)
+            lse = m + log_d
+            if has_lse:
+                lse_out[i] = lse
+            if ignored:
+                loss_out[i] = 0.0
+                if has_grad:
+                    for k in range(C):
+                        g[k] = 0.0
+                continue
+            kappa = grad_scale[i]
+            if is_prob:
+                loss_out[i] = mass * log_d - dot
+                alpha, beta, gamma = kappa * mass, 0.0, kappa
+            else:
+                w_y = np.float64(weight[y]) if has_weight else 1.0
+                c1 = (1.0 - eps) * w_y
+                loss = c1 * ((m - s_y) + log_d) if c1 != 0.0 else 0.0
+                if eps > 0.0:
+                    loss += (eps / C) * (mass * log_d - dot)
+                loss_out[i] = loss
+                alpha = kappa * (c1 + (eps / C) * mass)
+                beta, gamma = kappa * c1, kappa * eps / C
+            if not has_grad:
+                continue
+            alpha += 2.0 * zl * z_scale[i] * lse
+            for k in range(C):
+                sk = np.float64(g[k])
+                gk = alpha * math.exp((sk - m) - log_d)
+                if need_dot:
+                    gk -= gamma * _class_coefficient(is_prob, t_row, weight, has_weight, eps, C, k)
+                if k == y:
+                    gk -= beta
+                th = sk / cap
+                g[k] = gk * (1.0 - th * th)
 
 
 # ----------------------------------------------------------------------------- contract
@@ -526,6 +624,8 @@ _BLOCK_BYTES = 16384
 # serves every option (has_weight and the mode select the branches at run time).
 _NO_WEIGHT = {np.dtype(t): np.empty(0, dtype=t) for t in (np.float32, np.float64)}
 _NO_GRAD = {np.dtype(t): np.empty((0, 0), dtype=t) for t in (np.float32, np.float64)}
+_NO_LSE = np.empty(0, dtype=np.float64)
+_NO_INDEX = np.empty(0, dtype=np.int64)
 
 
 # Set in a child process forked from a parent whose Numba threading layer is OpenMP:
@@ -593,8 +693,12 @@ def softmax_backward(grad_probs: np.ndarray, probs: np.ndarray, out: np.ndarray)
     _k(_softmax_backward)(grad_probs, probs, out)
 
 
-def cross_entropy_index(logits, target, weight, ignore_index, label_smoothing, grad_scale,
-                        loss_out, grad_out) -> None:
+def _lse_buffer(lse_out):
+    return (_NO_LSE, False) if lse_out is None else (lse_out, True)
+
+
+def cross_entropy_index(logits, target, weight, ignore_index, label_smoothing, grad_scale, loss_out, grad_out,
+                        *, z_loss=0.0, z_scale=None, softcap=None, lse_out=None) -> None:
     """Cross-entropy per row for integer targets (:func:`softgrad._kernels._numpy.cross_entropy_index`).
 
     ``grad_out`` may be ``logits`` (the gradient overwrites the logits) or ``None``
@@ -603,21 +707,36 @@ def cross_entropy_index(logits, target, weight, ignore_index, label_smoothing, g
     C = logits.shape[1]
     has_weight = weight is not None
     w = weight if has_weight else _NO_WEIGHT[logits.dtype]
-    weight_sum = float(weight.sum(dtype=np.float64)) if has_weight else float(C)
+    zeta = grad_scale if z_scale is None else z_scale
+    lse, has_lse = _lse_buffer(lse_out)
     g, mode = _grad_mode(logits, grad_out)
+    if softcap is not None:
+        _k(_cross_entropy_softcap)(logits, target, _NO_GRAD[logits.dtype], False, w, has_weight,
+                                   np.int64(ignore_index), float(label_smoothing), float(z_loss), float(softcap),
+                                   grad_scale, zeta, loss_out, lse, has_lse, g, mode != _SUM,
+                                   _n_chunks(logits.shape[0]))
+        return
+    weight_sum = float(weight.sum(dtype=np.float64)) if has_weight else float(C)
     _k(_cross_entropy_index)(logits, target, w, has_weight, weight_sum, np.int64(ignore_index),
-                         float(label_smoothing), grad_scale, loss_out, g, mode, _block(logits),
-                         _n_chunks(logits.shape[0]))
+                             float(label_smoothing), float(z_loss), grad_scale, zeta, loss_out, lse, has_lse, g,
+                             mode, _block(logits), _n_chunks(logits.shape[0]))
 
 
-def cross_entropy_probs(logits, target, weight, label_smoothing, grad_scale, loss_out,
-                        grad_out) -> None:
+def cross_entropy_probs(logits, target, weight, label_smoothing, grad_scale, loss_out, grad_out,
+                        *, z_loss=0.0, z_scale=None, softcap=None, lse_out=None) -> None:
     """Cross-entropy per row for probability targets (:func:`softgrad._kernels._numpy.cross_entropy_probs`)."""
     has_weight = weight is not None
     w = weight if has_weight else _NO_WEIGHT[logits.dtype]
+    zeta = grad_scale if z_scale is None else z_scale
+    lse, has_lse = _lse_buffer(lse_out)
     g, mode = _grad_mode(logits, grad_out)
-    _k(_cross_entropy_probs)(logits, target, w, has_weight, float(label_smoothing), grad_scale,
-                         loss_out, g, mode, _block(logits), _n_chunks(logits.shape[0]))
+    if softcap is not None:
+        _k(_cross_entropy_softcap)(logits, _NO_INDEX, target, True, w, has_weight, np.int64(-100),
+                                   float(label_smoothing), float(z_loss), float(softcap), grad_scale, zeta,
+                                   loss_out, lse, has_lse, g, mode != _SUM, _n_chunks(logits.shape[0]))
+        return
+    _k(_cross_entropy_probs)(logits, target, w, has_weight, float(label_smoothing), float(z_loss), grad_scale,
+                             zeta, loss_out, lse, has_lse, g, mode, _block(logits), _n_chunks(logits.shape[0]))
 
 
 # ----------------------------------------------------------------------------- threads

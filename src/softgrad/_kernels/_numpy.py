@@ -23,6 +23,8 @@ from typing import Iterator
 
 import numpy as np
 
+from softgrad import _cross_entropy_rule as _rule
+
 # Number of elements per block of rows; bounds the size of temporaries.
 _BLOCK_ELEMENTS = 1 << 16
 
@@ -90,82 +92,107 @@ def softmax_backward(grad_probs: np.ndarray, probs: np.ndarray, out: np.ndarray)
         out[b] = (g - dot[:, None]) * a
 
 
-def cross_entropy_index(logits, target, weight, ignore_index, label_smoothing, grad_scale,
-                        loss_out, grad_out) -> None:
-    """Cross-entropy per row for integer targets, with PyTorch's options.
+def _scores(z: np.ndarray, softcap: float | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """A block's scores in float64: ``s = cap tanh(z / cap)`` and ``tanh(z / cap)``, or ``z`` and None."""
+    z = z.astype(np.float64)
+    if softcap is None:
+        return z, None
+    th = np.tanh(z / softcap)
+    return softcap * th, th
 
-    With ``p = log_softmax(z)``, smoothing ``eps``, weights ``w`` (all ones when ``None``),
-    ``W = sum_c w_c`` and label ``y``::
 
-        loss_i = (1 - eps) * w_y * (-p_y) + (eps / C) * sum_c w_c * (-p_c)
+def _masked_dot(u: np.ndarray, shifted: np.ndarray) -> np.ndarray:
+    """``sum_c u_c shifted_c`` per row; a term with ``u_c = 0`` is 0 even where ``shifted_c = -inf``."""
+    with np.errstate(invalid="ignore"):
+        return np.where(u == 0.0, 0.0, u * shifted).sum(axis=1)
 
-    and ``loss_i = 0`` when ``y == ignore_index`` (PyTorch's ``reduction="none"``).
-    ``grad_out`` (optional, may alias ``logits``) receives ``grad_scale[i] * dloss_i/dz``.
+
+def _z_scale(grad_scale: np.ndarray, z_scale: np.ndarray | None) -> np.ndarray:
+    return grad_scale if z_scale is None else z_scale
+
+
+def cross_entropy_index(logits, target, weight, ignore_index, label_smoothing, grad_scale, loss_out, grad_out,
+                        *, z_loss=0.0, z_scale=None, softcap=None, lse_out=None) -> None:
+    """Cross-entropy per row for integer targets: the rule of :mod:`softgrad._cross_entropy_rule`.
+
+    With scores ``s`` (softcapped logits), ``p = log_softmax(s)``, smoothing ``eps``, weights
+    ``w`` (ones when ``None``) and label ``y``::
+
+        loss_out[i] = (1 - eps) w_y (-p_y) + (eps / C) sum_c w_c (-p_c)      (0 when y == ignore_index)
+
+    without the z-loss (the caller adds ``z_loss * lse^2``; ``lse_out``, if given, receives
+    ``lse``). ``grad_out`` (optional, may alias ``logits``) receives the gradient of
+    ``grad_scale[i] * loss_out[i] + z_scale[i] * z_loss * lse_i^2`` (``z_scale`` defaults to
+    ``grad_scale``); ignored rows get 0.
     """
     N, C = logits.shape
     eps = float(label_smoothing)
     w = None if weight is None else weight.astype(np.float64)
-    W = float(C) if w is None else float(w.sum())
+    u = np.ones((1, C)) if w is None else w[None, :]
+    mass_value = float(u.sum())
+    zeta_all = _z_scale(grad_scale, z_scale)
     for b in _row_blocks(N, C):
-        z = logits[b]
-        n = z.shape[0]
-        rows = np.arange(n)
-        shifted, log_s = _shift(z)  # p = shifted - log_s
+        s, th = _scores(logits[b], softcap)
+        n = s.shape[0]
+        m = s.max(axis=1)
+        shifted = s - m[:, None]
+        log_d = np.log(np.exp(shifted).sum(axis=1))
         y = target[b]
         valid = y != ignore_index
         y_safe = np.where(valid, y, 0)
         w_y = np.ones(n) if w is None else w[y_safe]
-        loss = (1.0 - eps) * w_y * (log_s - shifted[rows, y_safe])
-        if eps > 0.0:
-            # sum_c w_c (-p_c) = W * log_s - sum_c w_c shifted_c
-            ws = shifted.sum(axis=1) if w is None else shifted @ w
-            loss = loss + (eps / C) * (W * log_s - ws)
-        loss_out[b] = np.where(valid, loss, 0.0)
+        mass = np.full(n, mass_value)
+        dot = _masked_dot(u, shifted) if eps > 0.0 else None
+        with np.errstate(invalid="ignore"):
+            ce = _rule.row_loss(m, log_d, dot=dot, mass=mass, s_y=s[np.arange(n), y_safe], w_y=w_y,
+                                prob_target=False, label_smoothing=eps, num_classes=C)
+        loss_out[b] = np.where(valid, ce, 0.0)
+        lse = m + log_d
+        if lse_out is not None:
+            lse_out[b] = lse
         if grad_out is None:
             continue
-        # Gradient. d(-p_c)/dz = a - e_c with a = softmax(z), so
-        #   dloss/dz = (1-eps) w_y (a - e_y) + (eps/C) sum_c w_c (a - e_c)
-        #            = ((1-eps) w_y + eps W / C) * a - (1-eps) w_y e_y - (eps/C) w.
-        # Without weights the coefficient of a is 1: a - ((1-eps) e_y + eps/C), the
-        # fused "softmax minus smoothed one-hot" form.
-        e = np.exp(shifted)
-        a = e / e.sum(axis=1, keepdims=True)
-        g = a * ((1.0 - eps) * w_y + eps * W / C)[:, None]
-        g[rows, y_safe] -= (1.0 - eps) * w_y
-        if eps > 0.0:
-            g -= (eps / C) if w is None else (eps / C) * w[None]
-        g *= (grad_scale[b] * valid)[:, None]
-        grad_out[b] = g
+        alpha, beta, gamma = _rule.grad_coefficients(
+            lse, grad_scale[b], zeta_all[b], w_y=w_y, mass=mass, valid=valid, prob_target=False,
+            label_smoothing=eps, z_loss=float(z_loss), num_classes=C)
+        a = np.exp(shifted - log_d[:, None])
+        grad_out[b] = _rule.gradient(a, y_safe, u, alpha, beta, gamma, th, prob_target=False, need_u=eps > 0.0)
 
 
-def cross_entropy_probs(logits, target, weight, label_smoothing, grad_scale, loss_out,
-                        grad_out) -> None:
-    """Cross-entropy per row for class-probability targets, with PyTorch's options.
+def cross_entropy_probs(logits, target, weight, label_smoothing, grad_scale, loss_out, grad_out,
+                        *, z_loss=0.0, z_scale=None, softcap=None, lse_out=None) -> None:
+    """Cross-entropy per row for class-probability targets: the rule of :mod:`softgrad._cross_entropy_rule`.
 
-    With ``p = log_softmax(z)``, smoothed targets ``t = (1 - eps) * y + eps / C`` and
-    weights ``w`` (ones when ``None``)::
+    With scores ``s``, ``p = log_softmax(s)`` and ``u_c = w_c ((1 - eps) t_c + eps / C)``::
 
-        loss_i = -sum_c w_c t_c p_c
+        loss_out[i] = -sum_c u_c p_c
 
-    Terms with ``w_c t_c == 0`` count as 0 even where ``p_c = -inf`` (the convention
-    ``0 * log 0 = 0``; PyTorch would return NaN there).
+    (a term with ``u_c = 0`` counts 0 even where ``p_c = -inf``). ``lse_out``, ``grad_out``,
+    ``grad_scale``, ``z_loss`` and ``z_scale`` as :func:`cross_entropy_index`.
     """
     N, C = logits.shape
     eps = float(label_smoothing)
     w = None if weight is None else weight.astype(np.float64)
+    zeta_all = _z_scale(grad_scale, z_scale)
     for b in _row_blocks(N, C):
-        shifted, log_s = _shift(logits[b])
-        t = target[b].astype(np.float64)
-        if eps > 0.0:
-            t = (1.0 - eps) * t + eps / C
-        wt = t if w is None else t * w[None]
-        logp = shifted - log_s[:, None]
-        loss_out[b] = -(wt * np.where(wt == 0.0, 0.0, logp)).sum(axis=1)
+        s, th = _scores(logits[b], softcap)
+        m = s.max(axis=1)
+        shifted = s - m[:, None]
+        log_d = np.log(np.exp(shifted).sum(axis=1))
+        u = (1.0 - eps) * target[b].astype(np.float64) + eps / C
+        if w is not None:
+            u = u * w[None, :]
+        mass = u.sum(axis=1)
+        ce = _rule.row_loss(m, log_d, dot=_masked_dot(u, shifted), mass=mass, prob_target=True,
+                            label_smoothing=eps, num_classes=C)
+        loss_out[b] = ce
+        lse = m + log_d
+        if lse_out is not None:
+            lse_out[b] = lse
         if grad_out is None:
             continue
-        # Gradient. d(-p_c)/dz = a - e_c, so
-        #   dloss/dz = sum_c w_c t_c (a - e_c) = (sum_c w_c t_c) * a - w * t.
-        a = np.exp(logp)
-        g = wt.sum(axis=1)[:, None] * a - wt
-        g *= grad_scale[b][:, None]
-        grad_out[b] = g
+        alpha, beta, gamma = _rule.grad_coefficients(
+            lse, grad_scale[b], zeta_all[b], mass=mass, prob_target=True, label_smoothing=eps,
+            z_loss=float(z_loss), num_classes=C)
+        a = np.exp(shifted - log_d[:, None])
+        grad_out[b] = _rule.gradient(a, None, u, alpha, beta, gamma, th, prob_target=True, need_u=True)
