@@ -13,7 +13,7 @@ logits, ``reduction="mean"``, ``grad_output = 1``):
 * ``softgrad_inplace_nocheck`` -- the same without the eager data checks (their host sync)
 * ``softgrad[<variant>]`` -- every Triton kernel variant and block size, in place, so the GPU
   session can see which design wins (one_pass: row in registers, one read; two_pass: second
-  read walks the row backwards to hit L2; two_pass_forward: second read in order)
+  read walks the row backwards to hit L2)
 * ``floor``          -- ``out.copy_(z)``: one read of the logits and one write of a gradient-sized
   buffer, the traffic any fused forward + backward must move
 
@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness  # noqa: E402
 
 from softgrad.torch import cross_entropy  # noqa: E402
-from softgrad.torch import _cross_entropy as ce_mod  # noqa: E402
+from softgrad.torch import use_kernel, use_value_checks  # noqa: E402
 
 N_ROWS = 16384
 VOCABS = (32000, 128256, 256000)
@@ -64,7 +64,6 @@ GRAD_SAMPLE = 128  # rows at each end of the batch whose gradient the gate check
 # (label, kernel spec); the block sizes are in elements
 TRITON_VARIANTS = [
     ("two_pass", "triton:two_pass"),
-    ("two_pass_forward", "triton:two_pass_forward"),
     ("two_pass b4096 w8", "triton:two_pass:4096:8"),
     ("two_pass b16384 w16", "triton:two_pass:16384:16"),
     ("one_pass", "triton:one_pass"),
@@ -82,7 +81,7 @@ def _triton_usable(device) -> bool:
 
 def _ours(spec: str, inplace: bool, check_values: bool = True):
     def fn(z, t):
-        with ce_mod._options(kernel=spec, check_values=check_values):
+        with use_kernel(spec), use_value_checks(check_values):
             # in place needs a non-leaf: a view of the leaf shares its memory
             return cross_entropy(z.view(z.shape) if inplace else z, t, inplace_backward=inplace)
     return fn

@@ -78,6 +78,7 @@ __all__ = [
     "REDUCTIONS",
     "CrossEntropyOptions",
     "denominators",
+    "row_denominators",
     "reduction_factors",
     "row_loss",
     "grad_coefficients",
@@ -195,15 +196,29 @@ def denominators(target: Any, weight: Any, *, ignore_index: int, prob_target: bo
         count = xp.full((), n_rows, dtype=dtype, device=target.device)
         return count, count
     valid = target != ignore_index
-    count = valid.sum()
-    count = float(count) if xp is np else count.to(dtype)
     if weight is None:
-        return count, count
+        return row_denominators(valid, None, dtype=dtype)
     hit = valid & (target >= 0) & (target < num_classes)
     if xp is np:
         weight = np.asarray(weight, dtype=np.float64)  # the weights' sum accumulates in float64
-    w_y = weight[xp.where(hit, target, 0)]
-    denom = xp.where(hit, w_y, 0.0).sum()
+    count, _ = row_denominators(valid, None, dtype=dtype)
+    _, denom = row_denominators(hit, weight[xp.where(hit, target, 0)], dtype=dtype)
+    return count, denom
+
+
+def row_denominators(valid: Any, w_y: Any, *, dtype: Any = None) -> tuple[Any, Any]:
+    """``(count, denom)`` from the rows themselves: ``count = sum_i valid_i``, ``denom = sum_i valid_i w_{y_i}``.
+
+    The form :func:`denominators` reduces to, for callers that hold ``w_y`` per row rather
+    than the class weights (the vocabulary-parallel combine gathers it from the shards).
+    ``valid`` is ``(N,)`` bool; ``w_y`` ``(N,)`` or None (unweighted: ``denom = count``).
+    """
+    xp = _xp(valid)
+    count = valid.sum()
+    count = float(count) if xp is np else count.to(dtype)
+    if w_y is None:
+        return count, count
+    denom = xp.where(valid, w_y, 0.0).sum()
     return count, (float(denom) if xp is np else denom.to(dtype))
 
 

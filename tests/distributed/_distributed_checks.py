@@ -217,6 +217,50 @@ def ce_extremes(ctx):
 
 
 @check
+def ce_conformance_oracle(ctx):
+    """The conformance test's cases and float64 oracle (tests/test_cross_entropy_conformance.py), on sharded columns."""
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    import test_cross_entropy_conformance as conf
+
+    m = Mismatches()
+    cases = 0
+    for case in conf.CASES:
+        z, y, weight = conf._problem(np.random.default_rng(len(case)), case)
+        n_cols = z.shape[1]
+        # uneven shards, one of them empty when there are more ranks than columns allow
+        widths = [n_cols // ctx.world + (r < n_cols % ctx.world) for r in range(ctx.world)]
+        sh = ctx.shard(widths)
+        if case == "masked" and ctx.world > 1:  # a shard whose part of a row is all -inf is part of the point
+            m.true("masked case: some shard row is all -inf", conf._row_all_masked_on_some_shard(z, widths))
+        for options, reduction, weighted in itertools.product(conf.OPTIONS, conf.REDUCTIONS, [False, True]):
+            if conf._skip_undefined(case, options, weighted):
+                continue
+            rng = np.random.default_rng(cases)
+            w = (weight if case == "zero_weight_on_masked_class" else rng.uniform(0.5, 2.0, size=n_cols)) \
+                if weighted else None
+            if w is None and case == "zero_weight_on_masked_class" and options.get("label_smoothing"):
+                continue
+            upstream = rng.normal(size=z.shape[0]) if reduction == "none" else np.array(1.7)
+            want_loss, want_grad = conf._expected(z, y, w, options, reduction, upstream)
+            x = torch.from_numpy(z[:, sh].copy()).to(ctx.device).requires_grad_()
+            loss = vocab_parallel_cross_entropy(x, torch.from_numpy(y).to(ctx.device),
+                                                weight=None if w is None else torch.from_numpy(w).to(ctx.device),
+                                                reduction=reduction, **options)
+            (grad,) = torch.autograd.grad(loss, x, torch.as_tensor(upstream).to(ctx.device))
+            where = f"{case} {options} {reduction} weighted={weighted}"
+            m.close(f"loss {where}", loss.detach().cpu().double(), torch.as_tensor(want_loss).double(),
+                    rtol=1e-9, atol=1e-9, equal_nan=True)
+            m.close(f"grad {where}", grad.cpu(), torch.from_numpy(want_grad[:, sh].copy()), rtol=1e-5,
+                    atol=1e-6 + 1e-10 * conf._scale(want_loss))
+            cases += 1
+    m.true("cases ran", cases > 100)
+    m.raise_any()
+
+
+@check
 def ce_inplace_lse_and_retain_graph(ctx):
     """inplace_backward, return_lse, a second backward with retain_graph, no grad mode."""
     m = Mismatches()
@@ -409,7 +453,7 @@ def triton_kernels_through_the_interpreter(ctx):
         import triton  # noqa: F401
     except ImportError:
         return "skipped: triton is not installed"
-    from softgrad.torch import _cross_entropy
+    from softgrad.torch import use_kernel
 
     m = Mismatches()
     widths = SPLITS[ctx.world][-1]
@@ -419,7 +463,7 @@ def triton_kernels_through_the_interpreter(ctx):
     h = torch.from_numpy(rng.normal(size=(4, 3))).to(ctx.device)
     W = torch.from_numpy(rng.normal(size=(V, 3))).to(ctx.device)
     opts = {"weight": w, "label_smoothing": 0.2, "z_loss": 1e-2, "softcap": 3.0, "reduction": "none"}
-    with _cross_entropy._options(kernel="triton:two_pass:16"):
+    with use_kernel("triton:two_pass:16"):
         loss, grad = _grad(lambda x: vocab_parallel_cross_entropy(x, y, **opts), z[:, sh], _upstream(up))
         hs = h.clone().requires_grad_()
         lin = vocab_parallel_linear_cross_entropy(hs, W[sh], y, label_smoothing=0.2, chunk_size=3)

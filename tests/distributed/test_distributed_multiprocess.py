@@ -80,6 +80,11 @@ def test_vocab_parallel_extremes_infinities_all_ignored_low_precision(world):
 
 
 @pytest.mark.parametrize("world", WORLDS)
+def test_vocab_parallel_matches_the_conformance_oracle(world):
+    _check(world, "ce_conformance_oracle")
+
+
+@pytest.mark.parametrize("world", WORLDS)
 def test_vocab_parallel_inplace_backward_lse_retain_graph(world):
     _check(world, "ce_inplace_lse_and_retain_graph")
 

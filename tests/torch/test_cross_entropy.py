@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
 from softgrad.torch import CrossEntropyLoss, CrossEntropyOutput, cross_entropy  # noqa: E402
-from softgrad.torch import _cross_entropy as ce_mod  # noqa: E402
+import softgrad.torch  # noqa: E402
 from softgrad.torch import _torch_cross_entropy as torch_kernels  # noqa: E402
 
 F64 = dict(rtol=1e-10, atol=1e-12)
@@ -195,10 +195,10 @@ def test_gradcheck_float64(rng, options):
     z = torch.from_numpy(rng.normal(size=(4, 5, 2)) * 2).requires_grad_()
     y = _make_target(rng, "index", z.shape)
     w = torch.from_numpy(rng.uniform(0.5, 1.5, size=5))
-    with ce_mod._options(scale_in_place=False):  # gradcheck back-propagates through one call twice
-        for reduction in REDUCTIONS:
-            assert torch.autograd.gradcheck(
-                lambda x: cross_entropy(x, y, weight=w, reduction=reduction, **options), (z,))
+    # gradcheck back-propagates through one call several times: no switch needed
+    for reduction in REDUCTIONS:
+        assert torch.autograd.gradcheck(
+            lambda x: cross_entropy(x, y, weight=w, reduction=reduction, **options), (z,))
 
 
 def test_gradient_matches_central_differences_for_probability_targets(rng):
@@ -274,17 +274,27 @@ def test_leaf_logits_accumulate_across_calls(rng):
     torch.testing.assert_close(z.grad, 2 * g, **F64)
 
 
-def test_second_backward_through_one_call_raises(rng):
+def test_second_backward_through_one_call_recomputes(rng):
+    # the first backward hands on the forward's gradient (scaled in place); later ones recompute it
     z = torch.from_numpy(rng.normal(size=(3, 4))).requires_grad_()
     y = _make_target(rng, "index", (3, 4))
-    loss = cross_entropy(z, y)
+    loss = cross_entropy(z, y, label_smoothing=0.1)
+    (g1,) = torch.autograd.grad(loss, z, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, z, grad_outputs=torch.tensor(3.0, dtype=torch.float64), retain_graph=True)
+    (g3,) = torch.autograd.grad(loss, z)
+    (ref,) = torch.autograd.grad(F.cross_entropy(z, y, label_smoothing=0.1), z)
+    torch.testing.assert_close(g1, ref, **F64)
+    torch.testing.assert_close(g2, 3 * ref, **F64)
+    torch.testing.assert_close(g3, ref, **F64)
+
+
+def test_inplace_backward_refuses_a_second_backward(rng):
+    z = torch.from_numpy(rng.normal(size=(3, 4))).requires_grad_()
+    y = _make_target(rng, "index", (3, 4))
+    loss = cross_entropy(z * 1.0, y, inplace_backward=True)
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="retain_graph"):
+    with pytest.raises(RuntimeError, match="inplace_backward"):
         loss.backward()
-    with ce_mod._options(scale_in_place=False):
-        loss = cross_entropy(z, y)
-    loss.backward(retain_graph=True)
-    loss.backward()  # out of place: any number of backwards
 
 
 def test_inplace_backward_refuses_what_it_cannot_overwrite(rng):
@@ -573,7 +583,7 @@ def test_unchecked_bad_rows_give_nan_not_garbage(rng):
     # what a compiled graph (which skips the data checks) returns for out-of-range targets and NaN logits
     z = torch.from_numpy(rng.normal(size=(4, 5))).requires_grad_()
     y = torch.tensor([0, 7, 2, -3])
-    with ce_mod._options(check_values=False):
+    with softgrad.torch.use_value_checks(False):
         loss = cross_entropy(z, y, reduction="none")
         nan_row = cross_entropy(z.detach().masked_fill(torch.arange(4)[:, None] == 0, float("nan")),
                                 torch.tensor([0, 1, 2, 3]), reduction="none")

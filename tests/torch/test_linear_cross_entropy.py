@@ -121,15 +121,17 @@ def test_tied_embeddings_and_gradient_accumulation():
     torch.testing.assert_close(grads[0], grads[1], **F64)
 
 
-def test_second_backward_with_retain_graph_raises_for_scalar_reductions():
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_backward_twice_through_one_call_recomputes(reduction):
     h, w, b, t = _inputs(seed=21)
-    loss = linear_cross_entropy(h, w, t, b)
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="retain_graph"):
-        loss.backward()
-    rows = linear_cross_entropy(h, w, t, b, reduction="none")  # recomputes, so twice is fine
-    rows.sum().backward(retain_graph=True)
-    rows.sum().backward()
+    loss = linear_cross_entropy(h, w, t, b, reduction=reduction)
+    up = torch.randn(loss.shape, generator=_gen(22), dtype=torch.float64)
+    first = [torch.autograd.grad(loss, p, up, retain_graph=True)[0] for p in (h, w, b)]
+    second = torch.autograd.grad(loss, (h, w, b), 2 * up)
+    ref = _reference(h, w, t, b, reduction=reduction)
+    for a1, a2, e in zip(first, second, _grads(ref, (h, w, b), up)):
+        torch.testing.assert_close(a1, e, **F64)
+        torch.testing.assert_close(a2, 2 * e, **F64)
 
 
 def test_module_wrapper_and_float32():
@@ -210,9 +212,9 @@ def test_no_grad_inference_and_validation():
         linear_cross_entropy(h, w, t.double())
     with pytest.raises(TypeError, match="weight"):
         linear_cross_entropy(h, w.float(), t)
-    with pytest.raises(ValueError, match="target values"):
+    with pytest.raises(ValueError, match="target contains class index"):
         linear_cross_entropy(h, w, torch.full_like(t, w.shape[0]))
-    with pytest.raises(ValueError, match="target values"):
+    with pytest.raises(ValueError, match="target contains class index"):
         linear_cross_entropy(h, w, torch.full_like(t, -1))
     with pytest.raises(ValueError, match="chunk_size"):
         linear_cross_entropy(h, w, t, chunk_size=0)
@@ -243,15 +245,22 @@ _MEASURE = textwrap.dedent("""
         for line in open("/proc/self/status"):
             if line.startswith(key):
                 return int(line.split()[1])
+    def run(h, w, t):
+        if variant == "ours":
+            loss = linear_cross_entropy(h, w, t, chunk_size=128)
+        elif variant == "torch_lce":
+            # PyTorch's own chunking at the same 128-row chunks (its default rule picks 1-row chunks here)
+            opts = torch.nn.LinearCrossEntropyOptions(chunking_method=None, batch_chunk_size=128)
+            loss = F.linear_cross_entropy(h, w, t, options=opts)
+        else:
+            loss = F.cross_entropy(h @ w.T, t)
+        loss.backward()
+        return loss
+    # a tiny call first: one-time lazy initialisation (dispatcher, thread pool) is not the algorithm's memory
+    run(torch.randn(8, d, requires_grad=True), torch.randn(64, d, requires_grad=True), torch.zeros(8, dtype=torch.long))
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS high-water mark (Linux)
     before = status_kib("VmRSS")
-    if variant == "ours":
-        loss = linear_cross_entropy(h, w, t, chunk_size=128)
-    elif variant == "torch_lce":
-        loss = F.linear_cross_entropy(h, w, t, options=torch.nn.LinearCrossEntropyOptions())
-    else:
-        loss = F.cross_entropy(h @ w.T, t)
-    loss.backward()
+    loss = run(h, w, t)
     peak = status_kib("VmHWM") - before
     print(json.dumps({"peak_extra_kib": peak, "loss": loss.item()}))
 """)

@@ -24,7 +24,7 @@ pytest.importorskip("triton")
 import torch.nn.functional as F  # noqa: E402
 
 from softgrad.torch import cross_entropy  # noqa: E402
-from softgrad.torch import _cross_entropy as ce_mod  # noqa: E402
+from softgrad.torch import use_kernel  # noqa: E402
 from softgrad.torch import _torch_cross_entropy as ref_kernels  # noqa: E402
 from softgrad.torch import _triton_cross_entropy as tri  # noqa: E402
 
@@ -39,7 +39,7 @@ F64 = dict(rtol=1e-10, atol=1e-12)
 TOL = {torch.float64: F64, torch.float32: dict(rtol=2e-5, atol=2e-6),
        torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
 N, C = 6, 37  # 37 columns: two full blocks of 16 and a partial one
-VARIANTS = [tri.KernelConfig("two_pass", 16), tri.KernelConfig("two_pass_forward", 32), tri.KernelConfig("one_pass")]
+VARIANTS = [tri.KernelConfig("two_pass", 16), tri.KernelConfig("two_pass", 32, 2), tri.KernelConfig("one_pass")]
 # (probability targets, class weights, label_smoothing, softcap, z_loss)
 OPTIONS = [
     (False, False, 0.0, None, 0.0),
@@ -167,7 +167,7 @@ def test_public_api_on_triton_matches_torch(rng, monkeypatch, shape, kind, reduc
         y.view(-1)[1] = -100
     w = torch.from_numpy(rng.uniform(0.5, 1.5, size=shape[1])).to(DEVICE)
     opts = dict(weight=w, reduction=reduction, label_smoothing=0.1)
-    with ce_mod._options(kernel="triton:two_pass:16"):
+    with use_kernel("triton:two_pass:16"):
         loss = cross_entropy(z0 * 1.0, y, inplace_backward=inplace, **opts)
     ref = F.cross_entropy(z0, y, **opts)
     torch.testing.assert_close(loss, ref, **F64)
@@ -181,7 +181,7 @@ def test_public_api_on_triton_matches_torch(rng, monkeypatch, shape, kind, reduc
 def test_all_ignored_batch_on_triton(rng):
     z = torch.from_numpy(rng.normal(size=(4, 37))).to(DEVICE).requires_grad_()
     y = torch.full((4,), -100, device=DEVICE)
-    with ce_mod._options(kernel="triton:one_pass"):
+    with use_kernel("triton:one_pass"):
         loss = cross_entropy(z, y, z_loss=1e-2, label_smoothing=0.1)
         assert cross_entropy(z.detach(), y, reduction="sum").item() == 0.0
     assert torch.isnan(loss) and torch.isnan(F.cross_entropy(z, y))
@@ -197,7 +197,7 @@ def test_torch_compile_traces_the_triton_path(rng):
     def step(h, wt, y):
         return cross_entropy(h @ wt.T, y, z_loss=1e-3, softcap=5.0)
 
-    with ce_mod._options(kernel="triton:two_pass:16"):
+    with use_kernel("triton:two_pass:16"):
         loss = torch.compile(step, fullgraph=True, backend="aot_eager")(h, wt, y)
         ours = torch.autograd.grad(loss, (h, wt))
     z = h @ wt.T
@@ -214,7 +214,7 @@ def test_kernel_choice_and_config_validation():
     assert tri._resolve(None, 16000, 2, heavy=True) == ("one_pass", 16384, 32)
     assert tri._resolve(None, 128256, 2) == ("two_pass", 8192, 16)
     assert tri._resolve(None, 128256, 4) == ("two_pass", 4096, 8)
-    assert tri._resolve(tri.KernelConfig("two_pass_forward", 1024, 2), 10**6, 2) == ("two_pass_forward", 1024, 2)
+    assert tri._resolve(tri.KernelConfig("two_pass", 1024, 2), 10**6, 2) == ("two_pass", 1024, 2)
     with pytest.raises(ValueError, match="C <= 32768"):
         tri._resolve(tri.KernelConfig("one_pass"), 40000, 2)
     for bad, match in ((dict(variant="fast"), "variant"), (dict(block_size=100), "block_size"),
@@ -222,7 +222,7 @@ def test_kernel_choice_and_config_validation():
         with pytest.raises(ValueError, match=match):
             tri.KernelConfig(**bad)
     with pytest.raises(ValueError, match="kernel"):
-        with ce_mod._options(kernel="cuda"):
+        with use_kernel("cuda"):
             pass
 
 
@@ -290,7 +290,7 @@ gpu = pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("variant", ["auto", "two_pass", "two_pass_forward"])
+@pytest.mark.parametrize("variant", ["auto", "two_pass", "two_pass:4096:8"])
 def test_gpu_vocabulary_rows_bfloat16_within_upcast_reference(variant):
     g = torch.Generator(device="cuda").manual_seed(1)
     n, v = 64, 128256
@@ -303,7 +303,7 @@ def test_gpu_vocabulary_rows_bfloat16_within_upcast_reference(variant):
     for inplace in (False, True):
         zz = (z * 1).requires_grad_() if not inplace else z.clone().requires_grad_()
         src = zz if not inplace else zz * 1  # in place needs a non-leaf
-        with ce_mod._options(kernel=f"triton:{variant}"):
+        with use_kernel(f"triton:{variant}"):
             loss = cross_entropy(src, y, label_smoothing=0.1, inplace_backward=inplace)
         loss.backward()
         torch.testing.assert_close(loss.float(), ref, rtol=1e-2, atol=1e-2)
@@ -320,7 +320,7 @@ def test_gpu_no_recompilation_per_vocabulary_size():
     for v in (40000, 50257, 128256, 256000, 1_000_003):
         z = torch.randn(4, v, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         y = torch.randint(0, v, (4,), device="cuda")
-        with ce_mod._options(kernel="triton:two_pass"):
+        with use_kernel("triton:two_pass"):
             loss = cross_entropy(z, y)
         loss.backward()
         torch.testing.assert_close(loss.float(), F.cross_entropy(z.float(), y), rtol=1e-2, atol=1e-2)
@@ -345,6 +345,14 @@ def test_gpu_int64_offsets_past_two_to_the_31():
 
 
 # ----------------------------------------------------------------------------- linear_cross_entropy on the fused kernel
+@pytest.fixture
+def fused_chunks(monkeypatch):
+    """linear_cross_entropy's chunks through the Triton kernel (interpreted on CPU), never the PyTorch-ops rows."""
+    monkeypatch.setattr(ref_kernels, "forward", _must_not_run)
+    with use_kernel("triton:two_pass:16"):
+        yield
+
+
 def _linear_reference(h, w, b, t, *, reduction, label_smoothing=0.0, z_loss=0.0, softcap=None):
     z = F.linear(h, w, b)
     if softcap is not None:
@@ -360,10 +368,9 @@ def _linear_reference(h, w, b, t, *, reduction, label_smoothing=0.0, z_loss=0.0,
     ("none", {"label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 3.0}),  # backward recomputes with row scales
     ("sum", {"z_loss": 1e-3}),
 ])
-def test_linear_cross_entropy_chunks_on_the_fused_kernel(rng, monkeypatch, reduction, options):
+def test_linear_cross_entropy_chunks_on_the_fused_kernel(rng, fused_chunks, reduction, options):
     from softgrad.torch import _linear_cross_entropy as lce
 
-    monkeypatch.setattr(lce, "_CHUNK_KERNEL", "triton:two_pass:16")
     h = torch.from_numpy(rng.normal(size=(10, 6))).to(DEVICE).requires_grad_()
     w = torch.from_numpy(rng.normal(size=(37, 6)) * 0.5).to(DEVICE).requires_grad_()
     b = torch.from_numpy(rng.normal(size=37)).to(DEVICE).requires_grad_()
@@ -377,10 +384,9 @@ def test_linear_cross_entropy_chunks_on_the_fused_kernel(rng, monkeypatch, reduc
         torch.testing.assert_close(a, e, **F64)
 
 
-def test_linear_cross_entropy_fused_bfloat16_and_compiled(rng, monkeypatch):
+def test_linear_cross_entropy_fused_bfloat16_and_compiled(rng, fused_chunks):
     from softgrad.torch import _linear_cross_entropy as lce
 
-    monkeypatch.setattr(lce, "_CHUNK_KERNEL", "triton:two_pass:16")
     h64 = torch.from_numpy(rng.normal(size=(12, 8))).to(DEVICE)
     w64 = torch.from_numpy(rng.normal(size=(40, 8)) * 0.3).to(DEVICE)
     t = torch.from_numpy(rng.integers(0, 40, size=12)).to(DEVICE)

@@ -40,32 +40,31 @@ and the per-row coefficients of the closed-form gradient
     probability:  alpha = kappa mass + 2 zeta zl lse,   beta = 0,   gamma = kappa
 
 (``kappa``, ``zeta``: the reduction factors of the cross-entropy and of the z-loss; 0 for
-ignored rows). The backward needs no communication: each rank writes the gradient of its own
+ignored rows). These formulas are :mod:`softgrad._cross_entropy_rule`'s, which
+:func:`_combine` calls with the combined statistics; they are restated here only to show that
+``O(N)`` numbers per rank suffice. The backward needs no communication: each rank writes the gradient of its own
 columns with ``grad_pass`` from ``lse`` and the coefficients times ``grad_output``.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 import zlib
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from softgrad import _cross_entropy_rule as _rule
 from softgrad.distributed import _comm
-from softgrad.torch import _cross_entropy
+from softgrad.torch import _cross_entropy, _settings
 from softgrad.torch._cross_entropy import CrossEntropyOutput
+from softgrad.torch._torch_cross_entropy import compute_dtype
+from softgrad.torch import _validation as _tv
 
 __all__ = ["vocab_parallel_cross_entropy"]
 
-_REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------- agreement between ranks
@@ -187,19 +186,25 @@ class Combined(NamedTuple):
     coeffs: Tensor  #: (N, 3) alpha, beta, gamma with the reduction's factors (see the module docstring)
     loss: Tensor  #: the reduced loss ("none": per row), z-loss included
     z_part: Tensor  #: the z-loss part of ``loss``, reduced the same way
+    kappa: Tensor  #: 0-d, the cross-entropy's reduction factor (the probability target's gradient needs it)
+
+
+def row_kernels(device: torch.device, kernel: str):
+    """The row kernel module of ``softgrad.torch`` for ``device`` and the keyword arguments its calls take."""
+    module, config = _settings.row_kernels(device, kernel)
+    return module, ({} if config is None else {"config": config})
 
 
 def _local_stats(logits: Tensor, target: Tensor, weight: Tensor | None, layout: Layout, *, label_smoothing: float,
-                 softcap: float | None, prob: bool, need_dot: bool):
+                 softcap: float | None, prob: bool, need_dot: bool, kernel: str):
     """``RowStats`` of this rank's columns (a zero-width shard contributes nothing)."""
     n_rows = logits.shape[0]
-    cdt = _compute_dtype(logits.dtype)
+    cdt = compute_dtype(logits.dtype)
     if layout.width == 0:
         neg = torch.full((n_rows,), -math.inf, dtype=cdt, device=logits.device)
         zeros = torch.zeros(n_rows, dtype=cdt, device=logits.device)
         return neg, neg.clone(), zeros, zeros.clone(), zeros.clone()
-    module, config = _cross_entropy._backend(_cross_entropy._OPTIONS["kernel"], logits.device)
-    extra = {} if config is None else {"config": config}
+    module, extra = row_kernels(logits.device, kernel)
     return tuple(module.row_stats(logits, target, weight, class_offset=layout.offset,
                                   num_classes=layout.num_classes, label_smoothing=label_smoothing, softcap=softcap,
                                   prob_target=prob, need_dot=need_dot, **extra))
@@ -241,16 +246,15 @@ def _combine(stats, target: Tensor, weight_shard: Tensor | None, weight_full: Te
         columns.append(mass_k)
     block = _comm.all_reduce(torch.stack(columns, dim=1).contiguous(), "sum", group, f"{what} row sums")
     sums = iter(block.unbind(dim=1))
-    d = next(sums)
-    log_d = torch.log(d)
+    log_d = torch.log(next(sums))
     lse = M_safe + log_d
 
+    # the rule of softgrad._cross_entropy_rule on the combined statistics, relative to M
+    valid = s_y = w_y = dot_m = mass = None
     if prob:
         dot_m, mass = next(sums), next(sums)
-        valid = None
-        ce = mass * log_d - dot_m
-        count = torch.full((), n_rows, dtype=cdt, device=m_k.device)
-        denom = count
+        count, denom = _rule.denominators(target, None, ignore_index=ignore_index, prob_target=True, num_classes=V,
+                                          dtype=cdt)
     else:
         s_y = next(sums)
         valid = target != ignore_index
@@ -260,44 +264,20 @@ def _combine(stats, target: Tensor, weight_shard: Tensor | None, weight_full: Te
             w_y = next(sums)
         else:
             w_y = torch.ones(n_rows, dtype=cdt, device=m_k.device)
-        c1 = (1.0 - eps) * w_y
-        # (M - s_y) + log D = lse - s_y without cancelling a large common offset of the logits
-        ce = torch.where(c1 == 0, zero, c1 * ((M_safe - s_y) + log_d))
         if need_dot:
             dot_m, mass = next(sums), next(sums)
-            ce = ce + (eps / V) * (mass * log_d - dot_m)
-        ce = torch.where(valid, ce, zero)
-        count = valid.sum().to(cdt)
-        denom = torch.where(valid, w_y, zero).sum() if weight_shard is not None else count
-
-    if reduction == "mean":
-        kappa = torch.where(denom != 0, 1.0 / denom, zero)
-        zeta = torch.where(count != 0, 1.0 / count, zero)
-    else:
-        kappa = zeta = torch.ones((), dtype=cdt, device=m_k.device)
-    if prob:
-        alpha, beta, gamma = kappa * mass, torch.zeros_like(lse), kappa.expand(n_rows)
-    else:
-        alpha = kappa * (c1 + (eps / V) * mass) if need_dot else kappa * c1
-        beta, gamma = kappa * c1, (kappa * (eps / V)).expand(n_rows)
-    if z_loss:
-        alpha = alpha + 2.0 * z_loss * zeta * lse
-    coeffs = torch.stack([alpha, beta, gamma], dim=1)
+        count, denom = _rule.row_denominators(valid, None if weight_shard is None else w_y, dtype=cdt)
+    ce = _rule.row_loss(M_safe, log_d, dot=dot_m, mass=mass, s_y=s_y, w_y=w_y, prob_target=prob,
+                        label_smoothing=eps, num_classes=V)
     if valid is not None:
-        coeffs = coeffs * valid.to(cdt)[:, None]
-
-    z_rows = z_loss * lse * lse if z_loss else torch.zeros_like(lse)
-    if z_loss and valid is not None:
-        z_rows = torch.where(valid, z_rows, zero)
-    if reduction == "none":
-        loss, z_part = ce + z_rows, z_rows
-    elif reduction == "sum":
-        z_part = z_rows.sum()
-        loss = ce.sum() + z_part
-    else:
-        z_part = z_rows.sum() / count if z_loss else z_rows.sum()
-        loss = ce.sum() / denom + z_part
-    return Combined(lse, ce, z_rows, coeffs, loss, z_part)
+        ce = torch.where(valid, ce, zero)
+    kappa, zeta = _rule.reduction_factors(reduction, count, denom)
+    coeffs = torch.stack(_rule.grad_coefficients(lse, kappa, zeta, w_y=w_y, mass=mass, valid=valid,
+                                                 prob_target=prob, label_smoothing=eps, z_loss=z_loss,
+                                                 num_classes=V), dim=1)
+    z_rows = _rule.z_loss_rows(lse, z_loss, valid)
+    loss, z_part = _rule.reduce_rows(ce, z_rows, reduction, count, denom)
+    return Combined(lse, ce, z_rows, coeffs, loss, z_part, kappa)
 
 
 def _check_rows(lse: Tensor, what: str) -> None:
@@ -321,12 +301,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, weight_shard, weight_full, layout, group, ignore_index, reduction,
-                label_smoothing, z_loss, softcap, inplace_backward):
+                label_smoothing, z_loss, softcap, inplace_backward, kernel):
         prob = target.is_floating_point()
         need_dot = prob or label_smoothing > 0.0
-        with torch.autocast(logits.device.type, enabled=False):
+        with _tv.autocast_off(logits.device):
             stats = _local_stats(logits, target, weight_shard, layout, label_smoothing=label_smoothing,
-                                 softcap=softcap, prob=prob, need_dot=need_dot)
+                                 softcap=softcap, prob=prob, need_dot=need_dot, kernel=kernel)
             out = _combine(stats, target, weight_shard, weight_full, layout, group, prob=prob,
                            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                            z_loss=z_loss, need_dot=need_dot, what="vocab_parallel_cross_entropy")
@@ -335,20 +315,21 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.layout, ctx.prob, ctx.reduction = layout, prob, reduction
         ctx.label_smoothing, ctx.softcap, ctx.inplace = label_smoothing, softcap, inplace_backward
-        ctx.consumed = False
-        ctx.save_for_backward(logits, target, weight_shard, out.lse, out.coeffs)
+        ctx.kernel, ctx.consumed = kernel, False
+        ctx.save_for_backward(logits, target, weight_shard, out.lse, out.coeffs, out.kappa)
         return out.loss, out.z_part, out.lse
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_z, _grad_lse):
         if grad_loss is None:
-            return (None,) * 12
-        logits, target, weight_shard, lse, coeffs = ctx.saved_tensors
+            return (None,) * 13
+        _refuse_double_backward("vocab_parallel_cross_entropy")
+        logits, target, weight_shard, lse, coeffs, kappa = ctx.saved_tensors
         layout = ctx.layout
         grad_logits = grad_target = None
         if ctx.prob and ctx.needs_input_grad[1]:
             # d loss / d t_c = -(1 - eps) w_c log softmax(s)_c: local given the global lse
-            grad_target = _cross_entropy._target_grad(logits, target, weight_shard, lse, grad_loss, ctx.reduction,
+            grad_target = _cross_entropy._target_grad(logits, target, weight_shard, lse, kappa, grad_loss,
                                                       ctx.label_smoothing, ctx.softcap)
         if ctx.needs_input_grad[0]:
             if ctx.inplace:
@@ -361,44 +342,27 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             else:
                 grad_logits = torch.empty_like(logits)
             if layout.width:
-                module, config = _cross_entropy._backend(_cross_entropy._OPTIONS["kernel"], logits.device)
-                extra = {} if config is None else {"config": config}
+                module, extra = row_kernels(logits.device, ctx.kernel)
                 # g_c = (alpha a_c - beta [c = y] - gamma u_c) (1 - tanh^2): the module docstring
                 module.grad_pass(logits, target, weight_shard, lse, _scaled_coeffs(coeffs, grad_loss), grad_logits,
                                  class_offset=layout.offset, num_classes=layout.num_classes,
                                  label_smoothing=ctx.label_smoothing, softcap=ctx.softcap, prob_target=ctx.prob,
                                  **extra)
-        return (grad_logits, grad_target) + (None,) * 10
+        return (grad_logits, grad_target) + (None,) * 11
+
+
+def _refuse_double_backward(what: str) -> None:
+    """Raise for ``create_graph=True``: the backward's closed-form gradient is not differentiable again here."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{what} does not support double backward (backward with create_graph=True, "
+                           "gradient penalties, hessians): its closed-form gradient is computed shard by shard "
+                           "without a graph. Use softgrad.torch.cross_entropy on gathered logits for that.")
 
 
 # ----------------------------------------------------------------------------- validation
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap) -> None:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not _is_real(label_smoothing):
-        raise TypeError(f"label_smoothing must be a float in [0, 1], got {type(label_smoothing).__name__}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if not _is_real(z_loss):
-        raise TypeError(f"z_loss must be a float >= 0, got {type(z_loss).__name__}")
-    if not (z_loss >= 0.0 and math.isfinite(z_loss)):
-        raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss}")
-    if softcap is not None:
-        if not _is_real(softcap):
-            raise TypeError(f"softcap must be None or a float > 0, got {type(softcap).__name__}")
-        if not (softcap > 0.0 and math.isfinite(softcap)):
-            raise ValueError(f"softcap must be None or a finite float > 0, got {softcap}")
-
-
 def _validate(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, return_lse,
-              inplace_backward) -> bool:
-    """Local type/shape/option checks (no communication); returns whether targets are probabilities."""
+              inplace_backward) -> tuple[bool, _rule.CrossEntropyOptions]:
+    """Local type/shape/option checks (no communication); returns whether targets are probabilities, and the options."""
     if not isinstance(logits, Tensor):
         raise TypeError(f"logits_shard must be a torch.Tensor, got {type(logits).__name__}")
     if not isinstance(target, Tensor):
@@ -417,9 +381,6 @@ def _validate(logits, target, weight, ignore_index, reduction, label_smoothing, 
         if target.shape != logits.shape:
             raise ValueError(f"target holds class probabilities (dtype {target.dtype}) and must be this rank's "
                              f"columns of them, shape {tuple(logits.shape)}, got {tuple(target.shape)}")
-        if ignore_index != -100:
-            raise ValueError("ignore_index is not supported with probability targets (as in PyTorch); leave it at "
-                             f"-100, got {ignore_index}")
     else:
         if target.dtype == torch.bool or target.is_complex():
             raise TypeError(f"target must hold integer class indices or float probabilities, got {target.dtype}")
@@ -439,11 +400,13 @@ def _validate(logits, target, weight, ignore_index, reduction, label_smoothing, 
         if weight.requires_grad and torch.is_grad_enabled():
             raise ValueError("weight requires grad, but the cross-entropy has no gradient with respect to the class "
                              "weights (neither has PyTorch's); pass weight.detach()")
-    _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    opts = _rule.CrossEntropyOptions.checked(ignore_index=ignore_index, reduction=reduction,
+                                             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    opts.check_target_kind(prob)
     for name, value in (("return_lse", return_lse), ("inplace_backward", inplace_backward)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return prob
+    return prob, opts
 
 
 # ----------------------------------------------------------------------------- public API
@@ -543,8 +506,8 @@ def vocab_parallel_cross_entropy(
             start = sum(widths[:rank])
             loss = vocab_parallel_cross_entropy(full_logits[:, start:start + widths[rank]], target)
     """
-    prob = _validate(logits_shard, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                     return_lse, inplace_backward)
+    prob, opts = _validate(logits_shard, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                           return_lse, inplace_backward)
     group, rank, world = _comm.resolve_group(group)
     logits = logits_shard if logits_shard.stride(-1) == 1 or logits_shard.shape[1] <= 1 else logits_shard.contiguous()
     target_rows = target.contiguous() if prob else target.to(torch.int64).contiguous()
@@ -559,14 +522,13 @@ def vocab_parallel_cross_entropy(
         if prob and target.requires_grad:
             raise ValueError("inplace_backward=True overwrites the logits that the probability target's gradient "
                              "needs; use inplace_backward=False")
-    options = (int(ignore_index), reduction, float(label_smoothing), float(z_loss),
-               None if softcap is None else float(softcap))
+    options = (opts.ignore_index, opts.reduction, opts.label_smoothing, opts.z_loss, opts.softcap)
     layout = _agree(group, rank, world, rows=logits.shape[0], width=logits.shape[1], prob=prob, dtype=logits.dtype,
                     options=options, target=target_rows, ignore_index=int(ignore_index), weight=weight, extra=0,
                     device=logits.device, what="logits_shard")
     weight_shard = weight_full = None
     if weight is not None:
-        cdt = _compute_dtype(logits.dtype)
+        cdt = compute_dtype(logits.dtype)
         if layout.all_full_weight:
             weight_full = weight.detach().to(cdt).contiguous()
             weight_shard = weight_full[layout.offset:layout.offset + layout.width].contiguous()
@@ -575,9 +537,10 @@ def vocab_parallel_cross_entropy(
         else:
             weight_shard = weight.detach().to(cdt).contiguous()
     loss, z_part, lse = _VocabParallelCrossEntropy.apply(
-        logits, target_rows, weight_shard, weight_full, layout, group, *options, bool(inplace_backward))
+        logits, target_rows, weight_shard, weight_full, layout, group, *options, bool(inplace_backward),
+        _settings.get_kernel())
     out_dtype = logits_shard.dtype
-    if out_dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(logits_shard.device.type):
+    if out_dtype in (torch.float16, torch.bfloat16) and _tv.autocast_enabled(logits_shard.device):
         out_dtype = torch.float32  # autocast runs cross-entropy in float32
     loss = loss.to(out_dtype)
     if not return_lse:

@@ -38,25 +38,23 @@ import zlib
 import torch
 from torch import Tensor
 
+from softgrad import _cross_entropy_rule as _rule
 from softgrad.distributed import _comm
 from softgrad.distributed._vocab_parallel import (
     Layout,
     _agree,
-    _check_options,
     _check_rows,
     _combine,
-    _compute_dtype,
+    _refuse_double_backward,
     _scaled_coeffs,
+    row_kernels,
 )
-from softgrad.torch import _cross_entropy
+from softgrad.torch import _settings
 from softgrad.torch._linear_cross_entropy import choose_chunk_size
+from softgrad.torch._torch_cross_entropy import compute_dtype
+from softgrad.torch import _validation as _tv
 
 __all__ = ["vocab_parallel_linear_cross_entropy"]
-
-
-def _kernels(device: torch.device):
-    module, config = _cross_entropy._backend(_cross_entropy._OPTIONS["kernel"], device)
-    return module, ({} if config is None else {"config": config})
 
 
 def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, rows: slice) -> Tensor:
@@ -72,16 +70,16 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, layout: Layout, group, ignore_index, reduction, label_smoothing,
-                z_loss, softcap, chunk_size):
+                z_loss, softcap, chunk_size, kernel):
         n_rows = hidden.shape[0]
-        cdt = _compute_dtype(hidden.dtype)
+        cdt = compute_dtype(hidden.dtype)
         need_dot = label_smoothing > 0.0
         stats = [torch.zeros(n_rows, dtype=cdt, device=hidden.device) for _ in range(5)]
         if layout.width == 0:
             stats[0].fill_(-math.inf)
             stats[1].fill_(-math.inf)
         else:
-            module, extra = _kernels(hidden.device)
+            module, extra = row_kernels(hidden.device, kernel)
             for start in range(0, n_rows, chunk_size):
                 rows = slice(start, min(start + chunk_size, n_rows))
                 z = _chunk_logits(hidden, weight, bias, rows)
@@ -96,13 +94,14 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         _check_rows(out.lse, "the logits hidden @ weight_shard.T + bias_shard")
         ctx.mark_non_differentiable(out.z_part, out.lse)
         ctx.set_materialize_grads(False)
-        ctx.layout, ctx.group, ctx.chunk_size = layout, group, chunk_size
+        ctx.layout, ctx.group, ctx.chunk_size, ctx.kernel = layout, group, chunk_size, kernel
         ctx.label_smoothing, ctx.softcap = label_smoothing, softcap
         ctx.save_for_backward(hidden, weight, bias, target, out.lse, out.coeffs)
         return out.loss, out.z_part, out.lse
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_z, _grad_lse):
+        _refuse_double_backward("vocab_parallel_linear_cross_entropy")
         hidden, weight, bias, target, lse, coeffs = ctx.saved_tensors
         layout = ctx.layout
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
@@ -116,7 +115,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=cdt, device=weight.device) if need_b and bias is not None else None
         if layout.width:
-            module, extra = _kernels(hidden.device)
+            module, extra = row_kernels(hidden.device, ctx.kernel)
             for start in range(0, n_rows, ctx.chunk_size):
                 rows = slice(start, min(start + ctx.chunk_size, n_rows))
                 h_c = hidden[rows]
@@ -137,11 +136,11 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             grad_h = grad_h.to(hidden.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
-        return (grad_h, grad_w, grad_b) + (None,) * 9
+        return (grad_h, grad_w, grad_b) + (None,) * 10
 
 
 def _validate(hidden, weight, target, bias, reduction, ignore_index, label_smoothing, z_loss, softcap,
-              chunk_size) -> None:
+              chunk_size) -> _rule.CrossEntropyOptions:
     for name, value in (("hidden", hidden), ("weight_shard", weight), ("target", target)):
         if not isinstance(value, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -168,10 +167,12 @@ def _validate(hidden, weight, target, bias, reduction, ignore_index, label_smoot
     if tuple(target.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"target shape {tuple(target.shape)} must equal hidden.shape[:-1] = "
                          f"{tuple(hidden.shape[:-1])}")
-    _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    opts = _rule.CrossEntropyOptions.checked(ignore_index=ignore_index, reduction=reduction,
+                                             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    return opts
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -252,12 +253,12 @@ def vocab_parallel_linear_cross_entropy(
         On ``P`` ranks, with the full ``W`` ``(V, D)``: ``w_k = W[start:start + width]`` for this
         rank's block, then ``vocab_parallel_linear_cross_entropy(h, w_k, t).backward()``.
     """
-    _validate(hidden, weight_shard, target, bias_shard, reduction, ignore_index, label_smoothing, z_loss, softcap,
-              chunk_size)
+    opts = _validate(hidden, weight_shard, target, bias_shard, reduction, ignore_index, label_smoothing, z_loss,
+                     softcap, chunk_size)
     group, rank, world = _comm.resolve_group(group)
     device_type = hidden.device.type
     out_dtype = hidden.dtype
-    if torch.is_autocast_enabled(device_type):
+    if _tv.autocast_enabled(hidden.device):
         # the head's matmul runs in the autocast dtype, as nn.Linear's would; the casts are autograd ops
         low = torch.get_autocast_dtype(device_type)
         hidden, weight_shard = hidden.to(low), weight_shard.to(low)
@@ -265,8 +266,7 @@ def vocab_parallel_linear_cross_entropy(
     batch_shape = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = target.reshape(-1).to(torch.int64).contiguous()
-    options = (int(ignore_index), reduction, float(label_smoothing), float(z_loss),
-               None if softcap is None else float(softcap))
+    options = (opts.ignore_index, opts.reduction, opts.label_smoothing, opts.z_loss, opts.softcap)
     with_grad = torch.is_grad_enabled() and h2.requires_grad
     # what every rank must agree on besides the options: D, a bias or not, a gradient for hidden or not
     extra = zlib.crc32(repr((h2.shape[1], bias_shard is not None, with_grad)).encode())
@@ -275,9 +275,9 @@ def vocab_parallel_linear_cross_entropy(
                     device=h2.device, what="hidden")
     if chunk_size is None:
         chunk_size = choose_chunk_size(h2.shape[0], max(layout.width, 1), h2.device, softcap=softcap is not None)
-    with torch.autocast(device_type, enabled=False):
+    with _tv.autocast_off(hidden.device):
         loss, _z_part, _lse = _VocabParallelLinearCrossEntropy.apply(
-            h2, weight_shard, bias_shard, t1, layout, group, *options, int(chunk_size))
+            h2, weight_shard, bias_shard, t1, layout, group, *options, int(chunk_size), _settings.get_kernel())
     if reduction == "none":
         loss = loss.reshape(batch_shape)
     return loss.to(out_dtype)

@@ -1,12 +1,14 @@
 """``softgrad.torch.cross_entropy``: PyTorch's cross-entropy, plus z-loss, softcap and lse, in one fused pass.
 
-Layers, bottom up:
+What is computed is the rule of :mod:`softgrad._cross_entropy_rule` (options, per-row loss,
+closed-form gradient, reductions). Layers, bottom up:
 
 * row kernels with one signature and two implementations: PyTorch ops
   (:mod:`softgrad.torch._torch_cross_entropy`, the CPU path and the readable twin) and Triton
-  (:mod:`softgrad.torch._triton_cross_entropy`, CUDA). Their ``forward`` computes each row's
-  loss, its logsumexp and -- in the same pass -- the gradient of the *reduced* loss with
-  respect to the logits, so the backward only multiplies by ``grad_output``.
+  (:mod:`softgrad.torch._triton_cross_entropy`, CUDA), chosen by :func:`softgrad.torch.use_kernel`.
+  Their ``forward`` computes each row's loss, its logsumexp and -- in the same pass -- the
+  gradient of the *reduced* loss with respect to the logits, so the backward only multiplies
+  by ``grad_output``.
 * custom operators, so that ``torch.compile`` sees one opaque node per call
   (``fullgraph=True`` works) and never traces into the kernels:
   ``softgrad::cross_entropy`` (functional, returns a fresh gradient buffer; autograd via
@@ -17,38 +19,38 @@ Layers, bottom up:
 * :func:`cross_entropy` validates, flattens ``(N, C, d1, ...)`` to rows, calls an operator and
   shapes the results; :class:`CrossEntropyLoss` is the ``nn.Module`` form.
 
-Backward cost: the stored gradient is scaled by ``grad_output`` in place. The Triton scale
-kernel skips rows whose factor is exactly 1 (decided on the device, no host sync), so a
-plain ``loss.backward()`` costs one launch and no pass over the gradient; another factor
-(``loss * 3``, gradient accumulation's ``loss / k``, ``reduction="none"``) costs one read and
-one write of the gradient. Inside a traced graph the scale is an ordinary out-of-place
-multiply that the compiler can fuse.
+Autograd, every mode:
+
+* a plain backward scales the stored gradient by ``grad_output`` in place and hands the buffer
+  on (the Triton scale kernel skips rows whose factor is exactly 1, decided on the device, and
+  the CPU path skips a scalar factor of 1), so ``loss.backward()`` costs no pass over it; a
+  later backward through the same call (``retain_graph=True``, ``gradcheck``) recomputes the
+  gradient from the saved logits;
+* a backward with ``create_graph=True`` (double backward, Hessians, gradient penalties) builds
+  the gradient from differentiable PyTorch ops of the same rule
+  (:func:`softgrad.torch._torch_cross_entropy.differentiable_gradient`), so its derivative is
+  PyTorch's;
+* under forward-mode AD (dual tensors) and ``torch.func`` transforms (``grad``, ``vmap``,
+  ``jvp``, ``hessian``, ...) the whole call runs on those differentiable ops
+  (:func:`~softgrad.torch._torch_cross_entropy.differentiable_rows`), which the transforms
+  handle natively; value checks that need a host read are skipped under the transforms;
+* meta and fake tensors run the operators' fake implementations (shapes and dtypes only).
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-import numbers
-from typing import Iterator, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 
-from softgrad.torch import _torch_cross_entropy
+from softgrad import _cross_entropy_rule as _rule
+from softgrad.torch import _settings
+from softgrad.torch import _torch_cross_entropy as _ops
+from softgrad.torch import _validation as _tv
+from softgrad.torch._torch_cross_entropy import compute_dtype
 
 __all__ = ["cross_entropy", "CrossEntropyLoss", "CrossEntropyOutput"]
-
-_REDUCTIONS = ("mean", "sum", "none")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-# Private switches, changed only through _options() (tests and benchmarks):
-#   kernel: which row kernels run: "auto" (Triton on CUDA when it imports, PyTorch ops
-#       otherwise), "torch", or "triton[:variant[:block_size[:num_warps]]]";
-#   scale_in_place: whether an eager backward scales the stored gradient in place (one
-#       backward per call) or out of place (any number of backwards, one more (N, C) buffer);
-#   check_values: whether eager calls run the data-dependent checks (one host sync).
-_OPTIONS = {"kernel": "auto", "scale_in_place": True, "check_values": True}
 
 
 class CrossEntropyOutput(NamedTuple):
@@ -62,157 +64,83 @@ class CrossEntropyOutput(NamedTuple):
     z_loss: Tensor  #: the z-loss part of ``loss``, reduced the same way (zeros when ``z_loss=0``)
 
 
-# ----------------------------------------------------------------------------- kernel choice
-def _triton_module():
-    try:
-        from softgrad.torch import _triton_cross_entropy
-    except ImportError:
-        return None
-    return _triton_cross_entropy
-
-
-def _check_kernel_spec(spec: str) -> str:
-    parts = spec.split(":")
-    if parts[0] not in ("auto", "torch", "triton") or (parts[0] != "triton" and len(parts) > 1) or len(parts) > 4:
-        raise ValueError(f"kernel must be 'auto', 'torch' or 'triton[:variant[:block_size[:num_warps]]]', got {spec!r}")
-    return spec
-
-
-@contextlib.contextmanager
-def _options(*, kernel: str | None = None, scale_in_place: bool | None = None,
-             check_values: bool | None = None) -> Iterator[None]:
-    """Override the private switches (see ``_OPTIONS``) for calls made inside the ``with`` block.
-
-    ``kernel`` is ``"auto"``, ``"torch"`` or ``"triton[:variant[:block_size[:num_warps]]]"``,
-    e.g. ``"triton:two_pass:4096:8"`` (on CPU tensors Triton runs only under its interpreter).
-    ``scale_in_place=False`` lets several backwards run through one call
-    (``torch.autograd.gradcheck`` back-propagates twice). ``check_values=False`` skips the
-    eager data checks, to measure what their host synchronisation costs.
-    """
-    new = {"kernel": None if kernel is None else _check_kernel_spec(kernel), "scale_in_place": scale_in_place,
-           "check_values": check_values}
-    previous = dict(_OPTIONS)
-    _OPTIONS.update({k: v for k, v in new.items() if v is not None})
-    try:
-        yield
-    finally:
-        _OPTIONS.update(previous)
-
-
-def _backend(spec: str, device: torch.device):
-    """``(kernel module, KernelConfig or None)`` for ``spec`` on ``device``."""
-    name, *rest = spec.split(":")
-    if name == "torch" or (name == "auto" and device.type != "cuda"):
-        return _torch_cross_entropy, None
-    triton_kernels = _triton_module()
-    if triton_kernels is None:
-        if name == "auto":
-            return _torch_cross_entropy, None
-        raise RuntimeError("kernel 'triton' was requested but triton does not import; install softgrad[torch] "
-                           "with triton, or use the 'torch' kernel")
-    fields = [rest[0] if rest else "auto"] + [int(x) if x else None for x in rest[1:]]
-    return triton_kernels, triton_kernels.KernelConfig(*fields)
-
-
 # ----------------------------------------------------------------------------- shared implementation
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _options(ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
+             softcap: float | None) -> _rule.CrossEntropyOptions:
+    """The options an operator received as scalars (already validated by the public function)."""
+    return _rule.CrossEntropyOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)
 
 
-def _run(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str,
-         label_smoothing: float, z_loss: float, softcap: float | None, grad_out: Tensor | None,
-         kernel: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Reduction factors, the row kernel, the reduction. Returns ``(loss, z_part, lse)`` in the compute dtype.
+def _batch_factors(target: Tensor, weight: Tensor | None, opts: _rule.CrossEntropyOptions, prob_target: bool,
+                   n_cols: int, cdt: torch.dtype):
+    """``(count, denom, scales)``: the rule's denominators and ``scales = (kappa, zeta)``, on the device."""
+    count, denom = _rule.denominators(target, weight, ignore_index=opts.ignore_index, prob_target=prob_target,
+                                      num_classes=n_cols, dtype=cdt)
+    kappa, zeta = _rule.reduction_factors(opts.reduction, count, denom)
+    return count, denom, torch.stack([kappa, zeta]).to(cdt)
 
-    ``loss`` is ``mean``: ``sum(ce) / sum of the weights of the non-ignored targets +
-    zl * sum(lse^2 over non-ignored rows) / their count`` (PyTorch's denominators; NaN when
-    zero), ``sum``: the plain sums, ``none``: per row. The kernel writes the gradient of
-    exactly this ``loss`` (for ``none``: of its sum) into ``grad_out``.
+
+def _reduce(ce: Tensor, lse: Tensor, target: Tensor, opts: _rule.CrossEntropyOptions, prob_target: bool,
+            count: Tensor, denom: Tensor) -> tuple[Tensor, Tensor]:
+    valid = None if prob_target else target != opts.ignore_index
+    return _rule.reduce_rows(ce, _rule.z_loss_rows(lse, opts.z_loss, valid), opts.reduction, count, denom)
+
+
+def _run(logits: Tensor, target: Tensor, weight: Tensor | None, opts: _rule.CrossEntropyOptions,
+         grad_out: Tensor | None, kernel: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The row kernel and the reduction: ``(loss, z_part, lse)`` in the compute dtype.
+
+    The kernel writes the gradient of exactly this ``loss`` (for ``"none"``: of its sum) into
+    ``grad_out``.
     """
-    with torch.autocast(logits.device.type, enabled=False):  # all arithmetic here is float32/float64 already
-        return _run_rows(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, grad_out,
-                         kernel)
+    with _tv.autocast_off(logits.device):  # all arithmetic here is float32/float64 already
+        n_cols = logits.shape[1]
+        cdt = compute_dtype(logits.dtype)
+        prob_target = target.is_floating_point()
+        w = None if weight is None else weight.to(cdt).contiguous()
+        count, denom, scales = _batch_factors(target, w, opts, prob_target, n_cols, cdt)
+        module, config = _settings.row_kernels(logits.device, kernel)
+        ce, lse = module.forward(logits, target, w, scales, ignore_index=opts.ignore_index,
+                                 label_smoothing=opts.label_smoothing, z_loss=opts.z_loss, softcap=opts.softcap,
+                                 prob_target=prob_target, grad_out=grad_out, config=config)
+        loss, z_part = _reduce(ce, lse, target, opts, prob_target, count, denom)
+        return loss, z_part, lse
 
 
-def _run_rows(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, grad_out, kernel):
-    n_rows, n_cols = logits.shape
-    cdt = _compute_dtype(logits.dtype)
+def _run_differentiable(logits: Tensor, target: Tensor, weight: Tensor | None,
+                        opts: _rule.CrossEntropyOptions) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_run` on out-of-place PyTorch ops that every autograd mode and ``torch.func`` transform handles."""
+    n_cols = logits.shape[1]
+    cdt = compute_dtype(logits.dtype)
     prob_target = target.is_floating_point()
-    w = None if weight is None else weight.to(cdt).contiguous()
-    if prob_target:
-        # PyTorch's mean over probability targets divides by the number of rows
-        valid = None
-        count = torch.full((), n_rows, dtype=cdt, device=logits.device)
-        denom = count
-    else:
-        valid = target != ignore_index
-        count = valid.sum().to(cdt)
-        if w is None:
-            denom = count
-        else:
-            hit = valid & (target >= 0) & (target < n_cols)
-            denom = (w[torch.where(hit, target, torch.zeros_like(target))] * hit).sum()
-    if reduction == "mean":
-        zero = torch.zeros((), dtype=cdt, device=logits.device)
-        scales = torch.stack([torch.where(denom != 0, 1.0 / denom, zero), torch.where(count != 0, 1.0 / count, zero)])
-    else:
-        scales = torch.ones(2, dtype=cdt, device=logits.device)
-    module, config = _backend(kernel, logits.device)
-    ce, lse = module.forward(logits, target, w, scales, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                             z_loss=z_loss, softcap=softcap, prob_target=prob_target, grad_out=grad_out,
-                             config=config)
-    if z_loss:
-        z_rows = z_loss * lse * lse
-        if valid is not None:
-            z_rows = torch.where(valid, z_rows, torch.zeros_like(z_rows))
-    else:
-        z_rows = torch.zeros_like(lse)
-    if reduction == "none":
-        return ce + z_rows, z_rows, lse
-    if reduction == "sum":
-        z_part = z_rows.sum()
-        return ce.sum() + z_part, z_part, lse
-    z_part = z_rows.sum() / count if z_loss else z_rows.sum()
-    return ce.sum() / denom + z_part, z_part, lse
+    w = None if weight is None else weight.to(cdt)
+    count, denom, _ = _batch_factors(target.detach(), w, opts, prob_target, n_cols, cdt)
+    ce, lse = _ops.differentiable_rows(logits, target, w, ignore_index=opts.ignore_index,
+                                       label_smoothing=opts.label_smoothing, softcap=opts.softcap,
+                                       prob_target=prob_target)
+    loss, z_part = _reduce(ce, lse, target, opts, prob_target, count, denom)
+    return loss, z_part.detach(), lse.detach()
 
 
 def _fake_outputs(logits: Tensor, reduction: str) -> tuple[Tensor, Tensor, Tensor]:
-    cdt = _compute_dtype(logits.dtype)
+    cdt = compute_dtype(logits.dtype)
     shape = (logits.shape[0],) if reduction == "none" else ()
     return (logits.new_empty(shape, dtype=cdt), logits.new_empty(shape, dtype=cdt),
             logits.new_empty((logits.shape[0],), dtype=cdt))
 
 
-def _scales_in_place(ctx, grad: Tensor | None = None) -> bool:
-    """Whether this backward scales the stored gradient in place; raises if it already did once."""
-    if not ctx.scale_in_place or torch.compiler.is_compiling() or (grad is not None and type(grad) is not torch.Tensor):
-        return False
-    if ctx.grad_consumed:
-        raise RuntimeError("cross_entropy computes the gradient in the forward and hands it to the first backward; "
-                           "a second backward through the same call (retain_graph=True) is not supported. Call "
-                           "cross_entropy again, or keep the first gradient.")
-    return True
+def _row_factor(grad_loss: Tensor) -> Tensor:
+    """``grad_output`` shaped to multiply ``(N, C)`` rows: a scalar, or one factor per row for ``"none"``."""
+    return grad_loss if grad_loss.dim() == 0 else grad_loss[:, None]
 
 
-def _scale_stored_grad(ctx, grad: Tensor, grad_loss: Tensor, kernel: str) -> Tensor:
-    """``grad * grad_loss`` (a scalar, or one factor per row for ``reduction="none"``).
+def _target_grad(logits: Tensor, target: Tensor, weight: Tensor | None, lse: Tensor, kappa: Tensor,
+                 grad_loss: Tensor, label_smoothing: float, softcap: float | None) -> Tensor:
+    """Gradient with respect to probability targets: ``d ce/d t_c = -(1 - eps) w_c (s_c - lse)``, times kappa.
 
-    Eagerly, on plain tensors, the stored buffer is scaled in place and handed on (no
-    second ``(N, C)`` buffer); it can be handed on only once. While a graph is being traced
-    (``torch.compile``, ``opcheck``) the product is out of place, for the compiler to fuse.
+    Out-of-place ops: differentiable with respect to ``logits``, ``lse`` and ``grad_loss`` when
+    those carry a graph (double backward passes a differentiable ``lse``).
     """
-    if not _scales_in_place(ctx, grad):
-        factor = grad_loss if grad_loss.dim() == 0 else grad_loss[:, None]
-        return (grad * factor).to(grad.dtype)
-    ctx.grad_consumed = True
-    module, _ = _backend(kernel, grad.device)
-    module.scale_rows_(grad, grad_loss.detach())
-    return grad
-
-
-def _target_grad(logits: Tensor, target: Tensor, weight: Tensor | None, lse: Tensor, grad_loss: Tensor,
-                 reduction: str, label_smoothing: float, softcap: float | None) -> Tensor:
-    """Gradient with respect to probability targets: ``dloss/dt_c = -(1 - eps) w_c log softmax(s)_c``, scaled."""
     cdt = lse.dtype
     s = logits.to(cdt)
     if softcap is not None:
@@ -220,11 +148,34 @@ def _target_grad(logits: Tensor, target: Tensor, weight: Tensor | None, lse: Ten
     g = (s - lse[:, None]) * (-(1.0 - label_smoothing))
     if weight is not None:
         g = g * weight.to(cdt)
-    factor = grad_loss.to(cdt)
-    if reduction == "mean":
-        factor = factor / logits.shape[0]
-    g = g * (factor if factor.dim() == 0 else factor[:, None])
-    return g.to(target.dtype)
+    return (g * _row_factor(grad_loss.to(cdt) * kappa)).to(target.dtype)
+
+
+def _differentiable_backward(ctx, logits: Tensor, target: Tensor, weight: Tensor | None,
+                             grad_loss: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """The backward for ``create_graph=True``: gradients built from differentiable ops of the rule."""
+    opts = ctx.opts
+    cdt = compute_dtype(logits.dtype)
+    prob_target = target.is_floating_point()
+    w = None if weight is None else weight.to(cdt)
+    _, _, scales = _batch_factors(target.detach(), w, opts, prob_target, logits.shape[1], cdt)
+    grad_logits = grad_target = None
+    if ctx.needs_input_grad[0]:
+        g = _ops.differentiable_gradient(logits, target, w, scales[0], scales[1], ignore_index=opts.ignore_index,
+                                         label_smoothing=opts.label_smoothing, z_loss=opts.z_loss,
+                                         softcap=opts.softcap, prob_target=prob_target)
+        grad_logits = (g * _row_factor(grad_loss.to(cdt))).to(logits.dtype)
+    if prob_target and ctx.needs_input_grad[1]:
+        _, lse = _ops.differentiable_rows(logits, target, w, ignore_index=opts.ignore_index,
+                                          label_smoothing=opts.label_smoothing, softcap=opts.softcap,
+                                          prob_target=True)
+        grad_target = _target_grad(logits, target, w, lse, scales[0], grad_loss, opts.label_smoothing, opts.softcap)
+    return grad_logits, grad_target
+
+
+def _traced(grad: Tensor) -> bool:
+    """Whether the backward is being traced (``torch.compile``, ``opcheck``): scale out of place there."""
+    return torch.compiler.is_compiling() or type(grad) is not torch.Tensor
 
 
 # ----------------------------------------------------------------------------- functional operator
@@ -234,8 +185,8 @@ def _cross_entropy_op(logits: Tensor, target: Tensor, weight: Optional[Tensor], 
                       kernel: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(loss, z_part, lse, grad)`` for validated ``(N, C)`` rows; ``grad`` is ``(0,)`` unless ``with_grad``."""
     grad = logits.new_empty(logits.shape) if with_grad else logits.new_empty(0)
-    loss, z_part, lse = _run(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                             grad if with_grad else None, kernel)
+    opts = _options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    loss, z_part, lse = _run(logits, target, weight, opts, grad if with_grad else None, kernel)
     return loss, z_part, lse, grad
 
 
@@ -250,32 +201,57 @@ def _setup_context(ctx, inputs, output):
     loss, z_part, lse, grad = output
     ctx.mark_non_differentiable(z_part, lse, grad)
     ctx.set_materialize_grads(False)
-    ctx.with_grad, ctx.kernel, ctx.reduction = with_grad, kernel, reduction
-    ctx.label_smoothing, ctx.softcap = label_smoothing, softcap
+    ctx.with_grad, ctx.kernel = with_grad, kernel
+    ctx.opts = _options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     ctx.grad_consumed = False
-    ctx.scale_in_place = _OPTIONS["scale_in_place"]
-    ctx.target_grad = target.is_floating_point() and target.requires_grad
-    if ctx.target_grad:
-        ctx.save_for_backward(grad, logits, target, weight, lse)
+    # the logits are kept (a reference, not a copy) for a second backward and for double backward
+    if _traced(grad):  # a traced graph saves every tensor it needs
+        ctx.save_for_backward(logits, target, weight, lse, grad)
+        ctx.stored_grad = None
     else:
-        ctx.save_for_backward(grad)
+        # eager: the buffer is held outside save_for_backward, because the first backward scales
+        # it in place and hands it on (no copy); a saved tensor would then fail autograd's
+        # version check in any later backward, which instead recomputes from the saved logits
+        ctx.save_for_backward(logits, target, weight, lse)
+        ctx.stored_grad = grad
+
+
+def _logits_grad(ctx, grad: Tensor, logits: Tensor, target: Tensor, weight: Tensor | None,
+                 grad_loss: Tensor) -> Tensor:
+    """``grad * grad_output``: the stored buffer scaled in place the first time, recomputed after that.
+
+    While a graph is traced the product is out of place, for the compiler to fuse.
+    """
+    if not ctx.grad_consumed and _traced(grad):
+        return (grad * _row_factor(grad_loss)).to(grad.dtype)
+    module, _ = _settings.row_kernels(logits.device, ctx.kernel)
+    if ctx.grad_consumed:
+        # an earlier backward through this call handed the stored buffer on: recompute into a new one
+        grad = torch.empty_like(logits)
+        _run(logits, target, weight, ctx.opts, grad, ctx.kernel)
+    ctx.grad_consumed, ctx.stored_grad = True, None
+    module.scale_rows_(grad, grad_loss.detach())
+    return grad
 
 
 def _backward(ctx, grad_loss, _grad_z, _grad_lse, _grad_grad):
     if grad_loss is None:
         return (None,) * 10
-    if ctx.needs_input_grad[0]:
-        _scales_in_place(ctx)  # a second backward raises here, before autograd's saved-tensor check does
-    saved = ctx.saved_tensors
+    logits, target, weight, lse, *saved_grad = ctx.saved_tensors
+    grad = saved_grad[0] if saved_grad else ctx.stored_grad
+    if ctx.needs_input_grad[0] and not ctx.with_grad:
+        raise RuntimeError("softgrad::cross_entropy was called with with_grad=False on logits that require grad")
+    if torch.is_grad_enabled():  # create_graph=True: a gradient that can be differentiated again
+        return _differentiable_backward(ctx, logits, target, weight, grad_loss) + (None,) * 8
     grad_logits = grad_target = None
-    if ctx.target_grad and ctx.needs_input_grad[1]:
-        _, logits, target, weight, lse = saved
-        grad_target = _target_grad(logits, target, weight, lse, grad_loss, ctx.reduction, ctx.label_smoothing,
-                                   ctx.softcap)
+    if target.is_floating_point() and ctx.needs_input_grad[1]:
+        cdt = lse.dtype
+        w = None if weight is None else weight.to(cdt)
+        _, _, scales = _batch_factors(target, w, ctx.opts, True, logits.shape[1], cdt)
+        grad_target = _target_grad(logits, target, w, lse, scales[0], grad_loss, ctx.opts.label_smoothing,
+                                   ctx.opts.softcap)
     if ctx.needs_input_grad[0]:
-        if not ctx.with_grad:
-            raise RuntimeError("softgrad::cross_entropy was called with with_grad=False on logits that require grad")
-        grad_logits = _scale_stored_grad(ctx, saved[0], grad_loss, ctx.kernel)
+        grad_logits = _logits_grad(ctx, grad, logits, target, weight, grad_loss)
     return (grad_logits, grad_target) + (None,) * 8
 
 
@@ -288,7 +264,8 @@ def _cross_entropy_inplace_op(logits: Tensor, target: Tensor, weight: Optional[T
                               reduction: str, label_smoothing: float, z_loss: float, softcap: Optional[float],
                               kernel: str) -> tuple[Tensor, Tensor, Tensor]:
     """``(loss, z_part, lse)``; the gradient (for ``grad_output = 1``) overwrites ``logits``."""
-    return _run(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, logits, kernel)
+    opts = _options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    return _run(logits, target, weight, opts, logits, kernel)
 
 
 @_cross_entropy_inplace_op.register_fake
@@ -307,7 +284,6 @@ class _InplaceCrossEntropy(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.kernel = kernel
         ctx.grad_consumed = False
-        ctx.scale_in_place = _OPTIONS["scale_in_place"]
         # saved after the operator bumped the version counter: if anything else writes to
         # the logits before the backward, autograd's version check raises. Detached (sharing
         # the version counter), so the gradient handed on is a plain tensor, not part of the graph.
@@ -318,9 +294,22 @@ class _InplaceCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_z, _grad_lse):
         if grad_loss is None:
             return (None,) * 9
-        _scales_in_place(ctx)
+        if torch.is_grad_enabled():
+            raise RuntimeError("cross_entropy(inplace_backward=True) overwrote the logits with their gradient, so "
+                               "a backward with create_graph=True (double backward) cannot differentiate it again; "
+                               "use inplace_backward=False")
         (grad,) = ctx.saved_tensors
-        return (_scale_stored_grad(ctx, grad, grad_loss, ctx.kernel),) + (None,) * 8
+        if _traced(grad):
+            return ((grad * _row_factor(grad_loss)).to(grad.dtype),) + (None,) * 8
+        if ctx.grad_consumed:
+            raise RuntimeError("cross_entropy(inplace_backward=True) overwrote the logits with their gradient and "
+                               "handed it to the first backward; a second backward through the same call "
+                               "(retain_graph=True) has no logits to recompute it from. Use "
+                               "inplace_backward=False, which allows any number of backwards.")
+        ctx.grad_consumed = True
+        module, _ = _settings.row_kernels(grad.device, ctx.kernel)
+        module.scale_rows_(grad, grad_loss.detach())
+        return (grad,) + (None,) * 8
 
 
 # ----------------------------------------------------------------------------- rows operator (chunked callers)
@@ -335,9 +324,9 @@ def _cross_entropy_rows_op(logits: Tensor, target: Tensor, row_scale: Optional[T
     ``sum_i row_scale_i (ce_i + z_loss lse_i^2)`` (over rows that are not ignored; ``row_scale``
     ``(N,)``, ones when None) overwrites ``logits`` in their own dtype; without it nothing is written.
     """
-    cdt = _compute_dtype(logits.dtype)
-    module, config = _backend(kernel, logits.device)
-    with torch.autocast(logits.device.type, enabled=False):
+    cdt = compute_dtype(logits.dtype)
+    module, config = _settings.row_kernels(logits.device, kernel)
+    with _tv.autocast_off(logits.device):
         return module.forward(logits, target, None, torch.ones(2, dtype=cdt, device=logits.device),
                               ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
                               softcap=softcap, prob_target=False, grad_out=logits if with_grad else None,
@@ -346,32 +335,24 @@ def _cross_entropy_rows_op(logits: Tensor, target: Tensor, row_scale: Optional[T
 
 @_cross_entropy_rows_op.register_fake
 def _(logits, target, row_scale, ignore_index, label_smoothing, z_loss, softcap, with_grad, kernel):
-    cdt = _compute_dtype(logits.dtype)
+    cdt = compute_dtype(logits.dtype)
     return logits.new_empty((logits.shape[0],), dtype=cdt), logits.new_empty((logits.shape[0],), dtype=cdt)
 
 
 # ----------------------------------------------------------------------------- validation
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _validate(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, return_lse,
-              inplace_backward) -> bool:
-    """Check types, shapes and options (no data-dependent checks); return whether targets are probabilities."""
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if logits.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+              inplace_backward) -> tuple[bool, _rule.CrossEntropyOptions]:
+    """Check types, shapes and options (no data-dependent checks); return ``(prob_target, options)``."""
+    _tv.check_tensor(logits, "logits")
+    _tv.check_tensor(target, "target")
+    _tv.check_float(logits, "logits")
     if logits.dim() == 0:
         raise ValueError("logits must have shape (C,), (N, C) or (N, C, d1, ...), got a 0-d tensor")
     if logits.numel() == 0:
         raise ValueError(f"logits is empty (shape {tuple(logits.shape)}); need at least one row and one class")
     num_classes = logits.shape[0] if logits.dim() == 1 else logits.shape[1]
     batch_shape = () if logits.dim() == 1 else (logits.shape[0],) + tuple(logits.shape[2:])
-    if target.device != logits.device:
-        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+    _tv.check_same_device(target, "target", logits, "logits")
     prob_target = target.is_floating_point()
     if prob_target:
         if target.shape != logits.shape:
@@ -380,59 +361,31 @@ def _validate(logits, target, weight, ignore_index, reduction, label_smoothing, 
     else:
         if target.dtype == torch.bool or target.is_complex():
             raise TypeError(f"target must hold integer class indices or float probabilities, got {target.dtype}")
+        _tv.check_index_dtype(target)
         if tuple(target.shape) != batch_shape:
             raise ValueError(f"target must have shape {batch_shape} (the logits' shape without the class dimension), "
                              f"got {tuple(target.shape)}")
-    if weight is not None:
-        if not isinstance(weight, Tensor):
-            raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
-        if not weight.is_floating_point():
-            raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
-        if tuple(weight.shape) != (num_classes,):
-            raise ValueError(f"weight must have shape ({num_classes},) (one entry per class), got {tuple(weight.shape)}")
-        if weight.device != logits.device:
-            raise ValueError(f"weight is on {weight.device} but logits are on {logits.device}")
-        if weight.requires_grad and torch.is_grad_enabled():
-            raise ValueError("weight requires grad, but cross_entropy has no gradient with respect to the class "
-                             "weights (neither has PyTorch's); pass weight.detach()")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if prob_target and ignore_index != -100:
-        raise ValueError("ignore_index is not supported with probability targets (as in PyTorch); "
-                         f"leave it at -100, got {ignore_index}")
-    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not _is_real(label_smoothing):
-        raise TypeError(f"label_smoothing must be a float in [0, 1], got {type(label_smoothing).__name__}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if not _is_real(z_loss):
-        raise TypeError(f"z_loss must be a float >= 0, got {type(z_loss).__name__}")
-    if not (z_loss >= 0.0 and math.isfinite(z_loss)):
-        raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss}")
-    if softcap is not None:
-        if not _is_real(softcap):
-            raise TypeError(f"softcap must be None or a float > 0, got {type(softcap).__name__}")
-        if not (softcap > 0.0 and math.isfinite(softcap)):
-            raise ValueError(f"softcap must be None or a finite float > 0, got {softcap}")
-    for name, value in (("return_lse", return_lse), ("inplace_backward", inplace_backward)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return prob_target
+    _tv.check_weight(weight, num_classes, logits, "logits")
+    opts = _rule.CrossEntropyOptions.checked(ignore_index=ignore_index, reduction=reduction,
+                                             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    opts.check_target_kind(prob_target)
+    _tv.check_flags(return_lse=return_lse, inplace_backward=inplace_backward)
+    return prob_target, opts
 
 
-def _check_values(logits_rows: Tensor, target_rows: Tensor, weight: Tensor | None, lse: Tensor, ignore_index: int,
-                  prob_target: bool) -> None:
-    """Data-dependent checks, all read back with one host synchronisation (eager mode only)."""
-    n_cols = logits_rows.shape[1]
+def _check_targets(target_rows: Tensor, weight: Tensor | None, n_cols: int, ignore_index: int,
+                   prob_target: bool, extra: Tensor | None = None) -> bool:
+    """Data-dependent checks of the targets and weights, read back with one host synchronisation.
+
+    ``extra`` (a 0-d bool tensor) travels in the same read; its value is returned.
+    """
     if prob_target:
         bad_target = (target_rows < 0).any() | ~torch.isfinite(target_rows).all()
     else:
         bad_target = (((target_rows < 0) | (target_rows >= n_cols)) & (target_rows != ignore_index)).any()
-    bad_weight = ~torch.isfinite(weight).all() if weight is not None else torch.zeros((), dtype=torch.bool,
-                                                                                        device=lse.device)
-    bad_rows = ~torch.isfinite(lse)
-    flags = torch.stack([bad_target, bad_weight, bad_rows.any()]).tolist()
+    false = torch.zeros((), dtype=torch.bool, device=target_rows.device)
+    bad_weight = ~torch.isfinite(weight).all() if weight is not None else false
+    flags = torch.stack([bad_target, bad_weight, false if extra is None else extra]).tolist()
     if flags[0]:
         if prob_target:
             raise ValueError("target (class probabilities) contains negative, NaN or infinite entries")
@@ -442,7 +395,14 @@ def _check_values(logits_rows: Tensor, target_rows: Tensor, weight: Tensor | Non
                          f"ignore_index={ignore_index}")
     if flags[1]:
         raise ValueError("weight contains NaN or infinite entries")
-    if flags[2]:
+    return bool(flags[2])
+
+
+def _check_values(target_rows: Tensor, weight: Tensor | None, lse: Tensor, n_cols: int, ignore_index: int,
+                  prob_target: bool) -> None:
+    """Targets, weights and logits (through their lse), all read back with one host synchronisation."""
+    bad_rows = ~torch.isfinite(lse)
+    if _check_targets(target_rows, weight, n_cols, ignore_index, prob_target, extra=bad_rows.any()):
         first = int(bad_rows.nonzero()[0, 0])
         raise ValueError(f"logits contain NaN or +inf, or a row that is entirely -inf ({int(bad_rows.sum())} "
                          f"row(s), first at flattened row {first}); the softmax of such a row is undefined")
@@ -484,19 +444,25 @@ def cross_entropy(
     :math:`\sum_i w_{y_i}` over non-ignored rows (by the number of rows for probability
     targets), PyTorch's convention, and the z-loss by the number of non-ignored rows; a mean
     over zero total weight is NaN (as in PyTorch) with a zero gradient. A term whose
-    coefficient is exactly 0 counts 0 even where a logit is ``-inf`` (PyTorch gives NaN there).
+    coefficient is exactly 0 counts 0 even where a logit is ``-inf`` (PyTorch gives NaN there;
+    the rule is stated once in :mod:`softgrad._cross_entropy_rule`).
 
     The gradient is computed in the forward pass, in the same pass over the logits, in
-    closed form (:math:`\partial \ell / \partial s = a \cdot (\ldots) - \text{target terms}`,
+    closed form (:math:`\partial \ell / \partial s = \alpha a - \beta e_y - \gamma u`,
     times :math:`1 - \tanh^2(z/c)` under a softcap); the backward multiplies it by
     ``grad_output``. On CUDA the work is one Triton kernel launch (float32 arithmetic for
-    float16/bfloat16/float32 logits); on CPU it is PyTorch ops. ``torch.compile`` (with
-    ``fullgraph=True``) sees a custom operator and does not break the graph.
+    float16/bfloat16/float32 logits); on CPU it is PyTorch ops (:func:`softgrad.torch.use_kernel`
+    chooses). ``torch.compile`` (with ``fullgraph=True``) sees a custom operator and does not
+    break the graph. Every autograd mode works: any number of backwards through one call,
+    double backward (``create_graph=True``: Hessians, gradient penalties, ``gradgradcheck``),
+    forward-mode AD, ``torch.func`` transforms and meta/fake tensors (see the module docstring).
+    The functional form keeps a reference to the logits until the graph is freed (for those
+    modes), as PyTorch's own cross-entropy keeps its log-softmax output.
 
     Args:
         logits: ``(N, C)``, ``(C,)`` or ``(N, C, d1, ...)`` (classes on dimension 1, as in
             PyTorch); float16, bfloat16, float32 or float64; ``-inf`` entries allowed.
-        target: class indices (any integer dtype) of shape ``(N,)``, ``()`` or
+        target: class indices (any integer dtype but uint64) of shape ``(N,)``, ``()`` or
             ``(N, d1, ...)``, each in ``[0, C)`` or equal to ``ignore_index``; or class
             probabilities (floating) of the logits' shape, non-negative (rows need not sum
             to 1). Probability targets that require grad receive a gradient.
@@ -514,12 +480,15 @@ def cross_entropy(
             ``(N, C)`` buffer. When a gradient is computed (``logits.requires_grad`` and grad
             mode on) the forward **overwrites every element of** ``logits`` with
             :math:`\partial\, \text{loss} / \partial\, \text{logits}` for ``grad_output = 1``
-            (in the logits' dtype; overwritten even if the call then raises ``ValueError``),
-            and the backward scales that buffer by ``grad_output`` and hands it on as the
-            logits' gradient. Without a gradient nothing is overwritten. Needs C-contiguous
-            ``(N, C)`` or ``(C,)`` logits that are not a leaf requiring grad; if another
-            operation saved the logits for its own backward, autograd raises its usual
-            "modified by an inplace operation" error instead of computing a wrong gradient.
+            (in the logits' dtype), and the backward scales that buffer by ``grad_output`` and
+            hands it on as the logits' gradient. The targets and weights are checked before
+            anything is overwritten; invalid logits (NaN, ``+inf``, a row entirely ``-inf``) are
+            found by the kernel, so their ``ValueError`` comes after the overwrite. Without a
+            gradient nothing is overwritten. Needs C-contiguous ``(N, C)`` or ``(C,)`` logits
+            that are not a leaf requiring grad; allows one backward, without ``create_graph``;
+            if another operation saved the logits for its own backward, autograd raises its
+            usual "modified by an inplace operation" error instead of computing a wrong
+            gradient. Ignored under forward-mode AD and ``torch.func`` transforms.
 
     Returns:
         The loss in the logits' dtype (float32 under autocast for float16/bfloat16 logits, as
@@ -528,17 +497,21 @@ def cross_entropy(
 
     Raises:
         TypeError: a non-tensor ``logits``/``target``/``weight``; logits not
-            float16/bfloat16/float32/float64; a bool or complex target; non-int
+            float16/bfloat16/float32/float64; a bool, complex or uint64 target; non-int
             ``ignore_index``; non-real ``label_smoothing``/``z_loss``/``softcap``; non-bool flags.
         ValueError: a 0-d or empty ``logits``; ``target`` or ``weight`` of the wrong shape or
-            device; a non-default ``ignore_index`` with probability targets; unknown
-            ``reduction``; ``label_smoothing`` outside ``[0, 1]``; negative or non-finite
-            ``z_loss``; non-positive ``softcap``; ``weight`` that requires grad;
-            ``inplace_backward`` on logits it cannot overwrite. In eager mode also (one host
-            synchronisation, after the kernel): a target class outside ``[0, C)`` that is not
-            ``ignore_index``; negative or non-finite probability targets or weights; logits with
-            NaN or ``+inf``, or a row entirely ``-inf``. Inside a compiled graph these data
-            checks are skipped and such rows give a NaN loss.
+            device; a non-default ``ignore_index`` with probability targets; ``ignore_index``
+            outside int64; unknown ``reduction``; ``label_smoothing`` outside ``[0, 1]``; negative
+            or non-finite ``z_loss``; non-positive or non-finite ``softcap``; ``weight`` that
+            requires grad; ``inplace_backward`` on logits it cannot overwrite. In eager mode also
+            (one host synchronisation, after the kernel): a target class outside ``[0, C)`` that is
+            not ``ignore_index``; negative or non-finite probability targets or weights; logits
+            with NaN or ``+inf``, or a row entirely ``-inf``. Inside a compiled graph, under
+            ``torch.func`` transforms, on meta/fake tensors and with
+            :func:`softgrad.torch.use_value_checks` off, these data checks are skipped and such
+            rows give a NaN loss.
+        RuntimeError: a second backward or a ``create_graph=True`` backward through a call with
+            ``inplace_backward=True``.
 
     Examples:
         >>> import torch.nn.functional as F
@@ -553,9 +526,12 @@ def cross_entropy(
         (torch.Size([4]), True)
         >>> cross_entropy(torch.zeros(1, 4), torch.tensor([2]))  # log 4
         tensor(1.3863)
+        >>> h = torch.autograd.functional.hessian(lambda x: cross_entropy(x, y), z)  # double backward
+        >>> bool(torch.allclose(h, torch.autograd.functional.hessian(lambda x: F.cross_entropy(x, y), z)))
+        True
     """
-    prob_target = _validate(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                            return_lse, inplace_backward)
+    prob_target, opts = _validate(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                                  return_lse, inplace_backward)
     num_classes = logits.shape[0] if logits.dim() == 1 else logits.shape[1]
     batch_shape = () if logits.dim() == 1 else (logits.shape[0],) + tuple(logits.shape[2:])
     if logits.dim() <= 2:
@@ -564,32 +540,37 @@ def cross_entropy(
     else:  # (N, C, d1, ...): classes last, one row per (n, d1, ...)
         rows = logits.movedim(1, -1).reshape(-1, num_classes)
         target_rows = target.movedim(1, -1).reshape(-1, num_classes) if prob_target else target.reshape(-1)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
     target_rows = target_rows.contiguous() if prob_target else target_rows.to(torch.int64).contiguous()
-    opts = (int(ignore_index), reduction, float(label_smoothing), float(z_loss),
-            None if softcap is None else float(softcap), _OPTIONS["kernel"])
-    with_grad = torch.is_grad_enabled() and logits.requires_grad
-    if inplace_backward and with_grad:
-        if logits.dim() > 2 or not logits.is_contiguous():
-            raise ValueError("inplace_backward=True needs C-contiguous logits of shape (N, C) or (C,) to overwrite, "
-                             f"got shape {tuple(logits.shape)} with strides {logits.stride()}")
-        if logits.is_leaf:
-            raise ValueError("inplace_backward=True would overwrite a leaf tensor that requires grad; "
-                             "pass logits computed from it (or inplace_backward=False)")
-        if prob_target and target.requires_grad:
-            raise ValueError("inplace_backward=True overwrites the logits that the gradient for the probability "
-                             "target needs; use inplace_backward=False")
-        loss, z_part, lse = _InplaceCrossEntropy.apply(rows, target_rows, weight, *opts)
+    check = _tv.values_checkable(logits)
+    if _tv.functorch_active() or _tv.has_tangent(logits, target, weight):
+        loss, z_part, lse = _run_differentiable(rows, target_rows, weight, opts)
     else:
-        loss, z_part, lse, _ = _cross_entropy_op(rows, target_rows, weight, *opts[:5], with_grad, opts[5])
-    if _OPTIONS["check_values"] and not torch.compiler.is_compiling() and not (
-            logits.is_cuda and torch.cuda.is_current_stream_capturing()):
-        _check_values(rows, target_rows, weight, lse, int(ignore_index), prob_target)
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        with_grad = torch.is_grad_enabled() and logits.requires_grad
+        kernel = _settings.get_kernel()
+        op_args = (opts.ignore_index, opts.reduction, opts.label_smoothing, opts.z_loss, opts.softcap)
+        if inplace_backward and with_grad:
+            if logits.dim() > 2 or not logits.is_contiguous():
+                raise ValueError("inplace_backward=True needs C-contiguous logits of shape (N, C) or (C,) to "
+                                 f"overwrite, got shape {tuple(logits.shape)} with strides {logits.stride()}")
+            if logits.is_leaf:
+                raise ValueError("inplace_backward=True would overwrite a leaf tensor that requires grad; "
+                                 "pass logits computed from it (or inplace_backward=False)")
+            if prob_target and target.requires_grad:
+                raise ValueError("inplace_backward=True overwrites the logits that the gradient for the probability "
+                                 "target needs; use inplace_backward=False")
+            if check:  # before the logits are overwritten: a bad target must leave them intact
+                _check_targets(target_rows, weight, num_classes, opts.ignore_index, prob_target)
+            loss, z_part, lse = _InplaceCrossEntropy.apply(rows, target_rows, weight, *op_args, kernel)
+        else:
+            loss, z_part, lse, _ = _cross_entropy_op(rows, target_rows, weight, *op_args, with_grad, kernel)
+    if check:
+        _check_values(target_rows, weight, lse, num_classes, opts.ignore_index, prob_target)
     out_dtype = logits.dtype
-    if logits.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(logits.device.type):
+    if logits.dtype in (torch.float16, torch.bfloat16) and _tv.autocast_enabled(logits.device):
         out_dtype = torch.float32  # autocast runs cross_entropy in float32
-    if reduction == "none":
+    if opts.reduction == "none":
         loss, z_part = loss.reshape(batch_shape), z_part.reshape(batch_shape)
     loss = loss.to(out_dtype)
     if not return_lse:
@@ -600,8 +581,8 @@ def cross_entropy(
 class CrossEntropyLoss(nn.Module):
     """``nn.Module`` form of :func:`cross_entropy`; ``forward(logits, target)``.
 
-    Every keyword of :func:`cross_entropy` is a constructor argument; ``weight`` is stored as
-    a buffer, so ``.to(device)`` moves it with the module.
+    Every keyword of :func:`cross_entropy` is a constructor argument, validated there;
+    ``weight`` is stored as a buffer, so ``.to(device)`` moves it with the module.
 
     Examples:
         >>> loss_fn = CrossEntropyLoss(label_smoothing=0.1, z_loss=1e-4)
@@ -613,8 +594,9 @@ class CrossEntropyLoss(nn.Module):
                  label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,
                  return_lse: bool = False, inplace_backward: bool = False) -> None:
         super().__init__()
-        if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        _rule.CrossEntropyOptions.checked(ignore_index=ignore_index, reduction=reduction,
+                                          label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+        _tv.check_flags(return_lse=return_lse, inplace_backward=inplace_backward)
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
         self.reduction = reduction

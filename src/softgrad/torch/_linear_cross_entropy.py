@@ -26,24 +26,36 @@ and the backward walks the chunks again (recomputing the logits once) with
 ``scale_i = grad_output_i``. Either way, peak extra memory is
 ``grad_W (V*D) + grad_h (N*D) + O(n*V)`` and independent of ``N * V``.
 
-On CUDA (when Triton imports) the chunk's loss and gradient come from the fused
-cross-entropy kernel of :mod:`softgrad.torch._triton_cross_entropy` (through the custom
-operator ``softgrad::cross_entropy_rows_``): one launch per chunk that reads the GEMM output
-in its own dtype, computes in float32 (float64 for float64), and writes ``G`` over it, so no
-float32 copy of the chunk is made. Elsewhere the same formulas run as PyTorch ops
-(:func:`_chunk_loss_and_grad`).
+Each chunk's loss and gradient are the rule of :mod:`softgrad._cross_entropy_rule`, computed
+by the row kernels of ``softgrad.torch.cross_entropy`` through the custom operator
+``softgrad::cross_entropy_rows_`` (:func:`softgrad.torch.use_kernel` chooses them): on CUDA one
+Triton launch per chunk that reads the GEMM output in its own dtype, computes in float32
+(float64 for float64) and writes ``G`` over it, so no float32 copy of the chunk is made; on CPU
+the PyTorch-ops rows, relative to each row's max like the kernels.
+
+Autograd, every mode: a plain backward scales the stored gradients (the first time; a later
+backward through the same call walks the chunks again); ``create_graph=True`` rebuilds the
+gradients chunk by chunk from differentiable ops of the rule (so double backward is
+PyTorch's, at the price of holding each chunk's intermediates in the graph); under
+forward-mode AD and ``torch.func`` transforms the loss is computed chunk by chunk from those
+differentiable ops; meta and fake tensors give shapes and dtypes.
 """
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
-from softgrad.torch import _cross_entropy
+from softgrad import _cross_entropy_rule as _rule
+from softgrad.torch import _settings
+from softgrad.torch import _torch_cross_entropy as _ops
+from softgrad.torch import _validation as _tv
+from softgrad.torch._cross_entropy import _check_targets
+from softgrad.torch._torch_cross_entropy import compute_dtype
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss", "choose_chunk_size"]
-
-_REDUCTIONS = ("mean", "sum", "none")
 
 # Byte budget for one chunk of logits and its temporaries on CPU. 64 MiB still gives
 # chunks of hundreds of rows for vocabularies of 32k (174 rows), so each chunk's three
@@ -55,10 +67,6 @@ _CPU_CHUNK_BYTES = 64 * 2**20
 # fraction of the weight gradient (1 GB in bf16). Rows are rounded down to a multiple of 64.
 _GPU_CHUNK_BYTES = 512 * 2**20
 _GPU_FREE_FRACTION = 0.25
-# The chunk's cross-entropy: "auto" uses the fused row kernel (Triton) on CUDA when triton
-# imports and PyTorch ops otherwise; "torch" always PyTorch ops; a softgrad.torch kernel spec
-# such as "triton:two_pass:16" forces the fused kernel (tests run it in Triton's interpreter).
-_CHUNK_KERNEL = "auto"
 
 
 def choose_chunk_size(n_rows: int, vocab: int, device: torch.device, *, softcap: bool = False) -> int:
@@ -96,135 +104,101 @@ def choose_chunk_size(n_rows: int, vocab: int, device: torch.device, *, softcap:
     return int(max(1, min(n_rows, rows)))
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _chunk_logits(hidden, weight, bias, rows: slice):
+    """``z_c = h_c W^T + b`` for one chunk of rows: a fresh ``(n, V)`` tensor in the input dtype."""
+    z = torch.mm(hidden[rows], weight.t())  # low-precision inputs accumulate in fp32 inside the GEMM
+    if bias is not None:
+        z = z.add_(bias) if not z.requires_grad else z + bias
+    return z
 
 
-def _chunk_loss_and_grad(z, target, valid, scale, *, label_smoothing, z_loss, softcap, want_grad):
-    """Per-row loss of one chunk and, if asked, ``scale_i * dloss_i/dz_i`` written into ``z``.
-
-    ``z`` (n, V) is the chunk's logits in the compute dtype and is overwritten.
-    ``target`` (n,) int64 with ignored rows already replaced by 0, ``valid`` (n,) bool,
-    ``scale`` (n,) compute dtype. Returns ``(loss (n,), grad (n, V) or None)``.
-    """
-    vocab = z.shape[1]
-    eps = float(label_smoothing)
-    if softcap is not None:
-        # s = c * tanh(z / c);  ds/dz = 1 - tanh(z / c)^2. Keep t = tanh(z / c) in z's buffer.
-        t = z.div_(softcap).tanh_()
-        s = t * softcap
-    else:
-        t = None
-        s = z
-    lse = torch.logsumexp(s, dim=1)  # (n,)
-    s_target = s.gather(1, target[:, None]).squeeze(1)
-    # loss_i = lse_i - (1 - eps) s_{i,t} - eps * mean_j s_ij + zl * lse_i^2:
-    # label smoothing mixes the one-hot target with the uniform 1/V, whose
-    # cross-entropy is lse - mean(s); z_loss is PaLM's auxiliary zl * lse^2.
-    loss = lse - (1.0 - eps) * s_target
-    if eps:
-        loss = loss - eps * s.mean(dim=1)
-    if z_loss:
-        loss = loss + z_loss * lse * lse
-    loss = torch.where(valid, loss, torch.zeros_like(loss))
-    if not want_grad:
-        return loss, None
-    # d loss_i / d s_ij = p_ij (1 + 2 zl lse_i) - (1 - eps) [j = t_i] - eps / V,
-    # with p = softmax(s) = exp(s - lse); this is the classic "softmax minus one-hot"
-    # with the smoothing and z-loss terms folded in.
-    g = s.sub_(lse[:, None]).exp_()  # p, in place (s is z's buffer, or a fresh one with softcap)
-    row = scale * valid.to(scale.dtype)
-    if z_loss:
-        g.mul_((row * (1.0 + 2.0 * z_loss * lse))[:, None])
-    else:
-        g.mul_(row[:, None])
-    if eps:
-        g.sub_((row * (eps / vocab))[:, None])
-    g.scatter_add_(1, target[:, None], (-(1.0 - eps) * row)[:, None])
-    if t is not None:
-        # chain rule through the softcap: dloss/dz = dloss/ds * (1 - t^2)
-        g.mul_(t.mul_(t).neg_().add_(1.0))  # t's buffer is free now: reuse it for 1 - t^2
-    return loss, g
-
-
-def _fused_kernel_spec(device: torch.device) -> str | None:
-    """The softgrad.torch kernel spec for the chunks' cross-entropy, or None for PyTorch ops."""
-    if _CHUNK_KERNEL == "torch":
-        return None
-    if _CHUNK_KERNEL == "auto":
-        return "auto" if device.type == "cuda" and _cross_entropy._triton_module() is not None else None
-    return _CHUNK_KERNEL
-
-
-def _fused_chunk_loss_and_grad(z, target, scale, *, ignore_index, label_smoothing, z_loss, softcap, want_grad,
-                               kernel):
-    """:func:`_chunk_loss_and_grad` in one fused kernel launch, on ``z`` in the GEMM's own dtype.
-
-    ``target`` (n,) int64 with ``ignore_index`` rows as given. Returns ``(loss (n,) compute dtype,
-    grad or None)``; the gradient (``scale_i * dloss_i/dz_i``) is written over ``z``.
-    """
-    ce, lse = torch.ops.softgrad.cross_entropy_rows_(z, target, scale if want_grad else None, ignore_index,
-                                                     label_smoothing, z_loss, softcap, want_grad, kernel)
-    if z_loss:
-        ce = ce + torch.where(target != ignore_index, z_loss * lse * lse, torch.zeros_like(lse))
-    return ce, (z if want_grad else None)
-
-
-def _chunked_pass(hidden, weight, bias, target, scale, *, ignore_index, label_smoothing, z_loss, softcap,
-                  chunk_size, need_grads):
+def _chunked_pass(hidden, weight, bias, target, scale, opts, *, kernel, chunk_size, need_grads):
     """Walk the rows of ``hidden (N, D)`` in chunks; see the module docstring.
 
-    ``scale`` is an ``(N,)`` tensor of per-row gradient factors (compute dtype) or None
-    when no gradient is needed. ``need_grads`` is a triple of bools for (hidden, weight, bias).
-    Returns ``(loss_rows (N,) compute dtype, grad_hidden, grad_weight, grad_bias)`` with
-    ``None`` for gradients not asked for.
+    ``scale`` is an ``(N,)`` tensor of per-row gradient factors (compute dtype; the rule's
+    ``kappa = zeta`` per row) or None when no gradient is needed. ``need_grads`` is a triple of
+    bools for (hidden, weight, bias). Returns ``(ce_rows (N,), lse (N,), grad_hidden,
+    grad_weight, grad_bias)``: the per-row cross-entropy without the z-loss, in the compute
+    dtype, and None for gradients not asked for.
     """
     n_rows, _dim = hidden.shape
     vocab = weight.shape[0]
-    cdt = _compute_dtype(hidden.dtype)
+    cdt = compute_dtype(hidden.dtype)
     want_grad = scale is not None and any(need_grads)
-    loss_rows = torch.empty(n_rows, dtype=cdt, device=hidden.device)
+    ce_rows = torch.empty(n_rows, dtype=cdt, device=hidden.device)
+    lse_rows = torch.empty(n_rows, dtype=cdt, device=hidden.device)
     grad_h = torch.empty_like(hidden) if want_grad and need_grads[0] else None
     # grad_W accumulates in the weight's dtype: exact for float32/float64; for bfloat16/float16
     # each chunk's GEMM accumulates in float32 and the running sum is rounded once per chunk
     # (a float32 buffer would cost 2x the weight, e.g. 2.1 GB more for a Llama-3 head).
     grad_w = torch.zeros_like(weight) if want_grad and need_grads[1] else None
     grad_b = torch.zeros(vocab, dtype=cdt, device=weight.device) if want_grad and need_grads[2] else None
-    valid_all = target != ignore_index
-    safe_target = torch.where(valid_all, target, torch.zeros_like(target))
-    fused = _fused_kernel_spec(hidden.device)
     for start in range(0, n_rows, chunk_size):
-        stop = min(start + chunk_size, n_rows)
-        h_c = hidden[start:stop]
-        z = torch.mm(h_c, weight.t())  # (n, V); low-precision inputs accumulate in fp32 inside the GEMM
-        if bias is not None:
-            z.add_(bias)
-        if fused is not None:
-            loss_c, g = _fused_chunk_loss_and_grad(
-                z, target[start:stop], scale[start:stop] if want_grad else None, ignore_index=ignore_index,
-                label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, want_grad=want_grad,
-                kernel=fused,
-            )
-        else:
-            z = z.to(cdt)
-            loss_c, g = _chunk_loss_and_grad(
-                z, safe_target[start:stop], valid_all[start:stop],
-                scale[start:stop] if want_grad else None,
-                label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, want_grad=want_grad,
-            )
-        loss_rows[start:stop] = loss_c
-        if g is None:
+        rows = slice(start, min(start + chunk_size, n_rows))
+        z = _chunk_logits(hidden, weight, bias, rows)
+        # the rule's per-row ce and lse; with a gradient, G = scale_i d(ce_i + zl lse_i^2)/dz_i over z's buffer
+        ce, lse = torch.ops.softgrad.cross_entropy_rows_(
+            z, target[rows], scale[rows] if want_grad else None, opts.ignore_index, opts.label_smoothing,
+            opts.z_loss, opts.softcap, want_grad, kernel)
+        ce_rows[rows] = ce
+        lse_rows[rows] = lse
+        if not want_grad:
+            del z
             continue
         if grad_b is not None:
-            grad_b.add_(g.sum(dim=0, dtype=grad_b.dtype))  # float32 sums also when g is bf16
-        g_low = g.to(hidden.dtype)
+            grad_b.add_(z.sum(dim=0, dtype=grad_b.dtype))  # float32 sums also when G is bf16
         if grad_h is not None:
-            grad_h[start:stop] = torch.mm(g_low, weight)  # (n, V) @ (V, D)
+            grad_h[rows] = torch.mm(z, weight)  # (n, V) @ (V, D)
         if grad_w is not None:
-            grad_w.addmm_(g_low.t(), h_c)  # (V, n) @ (n, D), accumulated in place
+            grad_w.addmm_(z.t(), hidden[rows])  # (V, n) @ (n, D), accumulated in place
+        del z  # before the next chunk's GEMM allocates: one (n, V) buffer alive at a time
     if grad_b is not None:
         grad_b = grad_b.to(bias.dtype)
-    return loss_rows, grad_h, grad_w, grad_b
+    return ce_rows, lse_rows, grad_h, grad_w, grad_b
+
+
+def _row_scale(target, opts, cdt):
+    """The rule's per-row ``kappa`` (= ``zeta``: no class weights here) and ``(count, denom)``."""
+    count, denom = _rule.denominators(target, None, ignore_index=opts.ignore_index, prob_target=False,
+                                      num_classes=0, dtype=cdt)
+    kappa, _ = _rule.reduction_factors(opts.reduction, count, denom)
+    return kappa.expand(target.shape[0]), count, denom
+
+
+def _reduce(ce_rows, lse_rows, target, opts, count, denom):
+    z_rows = _rule.z_loss_rows(lse_rows, opts.z_loss, target != opts.ignore_index)
+    loss, _ = _rule.reduce_rows(ce_rows, z_rows, opts.reduction, count, denom)
+    return loss
+
+
+def _differentiable_chunks(hidden, weight, bias, target, opts, chunk_size):
+    """Per-row ``(ce, lse)`` from differentiable ops, chunk by chunk (forward-mode AD, ``torch.func``)."""
+    parts = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        rows = slice(start, min(start + chunk_size, hidden.shape[0]))
+        parts.append(_ops.differentiable_rows(_chunk_logits(hidden, weight, bias, rows), target[rows], None,
+                                              ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
+                                              softcap=opts.softcap, prob_target=False))
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _differentiable_grads(hidden, weight, bias, target, scale, opts, chunk_size, need):
+    """The gradients of ``sum_i scale_i (ce_i + zl lse_i^2)`` from differentiable ops, for ``create_graph=True``."""
+    grad_h, grad_w, grad_b = [], 0, 0
+    for start in range(0, hidden.shape[0], chunk_size):
+        rows = slice(start, min(start + chunk_size, hidden.shape[0]))
+        g = _ops.differentiable_gradient(_chunk_logits(hidden, weight, bias, rows), target[rows], None,
+                                         scale[rows], scale[rows], ignore_index=opts.ignore_index,
+                                         label_smoothing=opts.label_smoothing, z_loss=opts.z_loss,
+                                         softcap=opts.softcap, prob_target=False).to(hidden.dtype)
+        if need[0]:
+            grad_h.append(g @ weight)
+        if need[1]:
+            grad_w = grad_w + g.t() @ hidden[rows]
+        if need[2]:
+            grad_b = grad_b + g.sum(dim=0)
+    return (torch.cat(grad_h) if need[0] else None, grad_w if need[1] else None,
+            grad_b if need[2] and bias is not None else None)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -232,96 +206,84 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                chunk_size):
-        cdt = _compute_dtype(hidden.dtype)
-        valid = target != ignore_index
+                chunk_size, kernel):
+        cdt = compute_dtype(hidden.dtype)
+        opts = _rule.CrossEntropyOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        opts = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-                    chunk_size=chunk_size)
-        ctx.reduction = reduction
-        ctx.opts = opts
-        ctx.need = need
-        count = valid.sum().to(cdt)
-        if reduction == "none" or not any(need):
-            loss_rows, _, _, _ = _chunked_pass(hidden, weight, bias, target, None, need_grads=need, **opts)
-            ctx.save_for_backward(hidden, weight, bias, target)
-            if reduction == "none":
-                out = loss_rows
-            else:
-                out = loss_rows.sum() / count if reduction == "mean" else loss_rows.sum()
+        ctx.opts, ctx.need, ctx.chunk_size, ctx.kernel = opts, need, chunk_size, kernel
+        row_scale, count, denom = _row_scale(target, opts, cdt)
+        # a reduction="none" gradient needs grad_output, known only in the backward
+        in_forward = reduction != "none" and any(need)
+        ce, lse, gh, gw, gb = _chunked_pass(hidden, weight, bias, target, row_scale if in_forward else None, opts,
+                                            kernel=kernel, chunk_size=chunk_size, need_grads=need)
+        out = _reduce(ce, lse, target, opts, count, denom)
+        # hidden, weight and bias are kept (references) for recomputation and double backward
+        if in_forward and torch.compiler.is_compiling():  # a traced graph saves the gradients as tensors
+            ctx.save_for_backward(hidden, weight, bias, target, row_scale, gh, gw, gb)
+            ctx.stored = "saved"
         else:
-            if reduction == "mean":
-                # PyTorch's convention: divide by the number of non-ignored rows
-                # (NaN loss when every row is ignored; the gradient is then 0).
-                row_scale = torch.ones(target.shape, dtype=cdt, device=hidden.device) / count.clamp(min=1)
-            else:
-                row_scale = torch.ones(target.shape, dtype=cdt, device=hidden.device)
-            loss_rows, gh, gw, gb = _chunked_pass(hidden, weight, bias, target, row_scale, need_grads=need, **opts)
-            out = loss_rows.sum() / count if reduction == "mean" else loss_rows.sum()
-            if torch.compiler.is_compiling():
-                ctx.owned = None
-                ctx.save_for_backward(gh, gw, gb)
-            else:
-                # Eager: the graph owns the gradients until the backward takes them, so the
-                # backward can scale them in place and hand them on without a copy (saves
-                # one weight-sized tensor). The price: a second backward cannot reuse them.
-                ctx.owned = [gh, gw, gb]
-        return out  # compute dtype; the public function casts to the caller's dtype
+            # eager: the graph owns the gradients until the backward takes them, so the backward
+            # can scale them in place and hand them on without a copy (saves a weight-sized tensor)
+            ctx.save_for_backward(hidden, weight, bias, target, row_scale)
+            ctx.stored = [gh, gw, gb] if in_forward else None
+        ctx.mark_non_differentiable(lse)
+        return out, lse  # compute dtype; the public function casts to the caller's dtype
 
     @staticmethod
-    def backward(ctx, grad_out):
-        if ctx.reduction == "none" or not any(ctx.need):
-            hidden, weight, bias, target = ctx.saved_tensors
-            scale = grad_out.to(_compute_dtype(hidden.dtype)).reshape(-1)
-            _, gh, gw, gb = _chunked_pass(hidden, weight, bias, target, scale, need_grads=ctx.need, **ctx.opts)
-        else:
-            # the loss is a scalar: every stored gradient scales by grad_output
-            if ctx.owned is None:
-                gh, gw, gb = (None if g is None else g * grad_out for g in ctx.saved_tensors)
-            else:
-                if not ctx.owned:
-                    raise RuntimeError(
-                        "linear_cross_entropy with reduction='mean' or 'sum' computes its gradients in the "
-                        "forward and hands them to the first backward; retain_graph=True backwards are "
-                        "not supported (use reduction='none' and reduce outside)")
-                gh, gw, gb = ctx.owned
-                ctx.owned = []
-                gh, gw, gb = (None if g is None else g.mul_(grad_out) for g in (gh, gw, gb))
-        return gh, gw, gb, None, None, None, None, None, None, None
+    def backward(ctx, grad_out, _grad_lse):
+        hidden, weight, bias, target, row_scale, *saved_grads = ctx.saved_tensors
+        nones = (None,) * 8
+        if grad_out is None:
+            return (None, None, None) + nones
+        factor = grad_out.to(row_scale.dtype)
+        scale = row_scale * (factor if factor.dim() == 0 else factor.reshape(-1))
+        if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
+            return _differentiable_grads(hidden, weight, bias, target, scale, ctx.opts, ctx.chunk_size,
+                                         ctx.need) + nones
+        if ctx.stored == "saved":
+            return tuple(None if g is None else g * grad_out for g in saved_grads) + nones
+        if ctx.stored:
+            # the loss is a scalar: the forward's gradients, scaled by grad_output in place and
+            # handed on without a copy; a later backward through this call recomputes below
+            gh, gw, gb = ctx.stored
+            ctx.stored = None
+            return tuple(None if g is None else g.mul_(grad_out) for g in (gh, gw, gb)) + nones
+        _, _, gh, gw, gb = _chunked_pass(hidden, weight, bias, target, scale, ctx.opts, kernel=ctx.kernel,
+                                         chunk_size=ctx.chunk_size, need_grads=ctx.need)
+        return (gh, gw, gb) + nones
 
 
-def _validate(hidden, weight, target, bias, reduction, label_smoothing, z_loss, softcap, chunk_size):
-    for name, value in (("hidden", hidden), ("weight", weight), ("target", target)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+def _validate(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size):
+    """Types, shapes, devices and options; returns the checked options."""
+    _tv.check_tensor(hidden, "hidden")
+    _tv.check_tensor(weight, "weight")
+    _tv.check_tensor(target, "target")
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-    if not hidden.is_floating_point():
-        raise TypeError(f"hidden must be a floating-point tensor, got {hidden.dtype}")
-    if hidden.dim() < 2:
-        raise ValueError(f"hidden must have shape (N, D) or (B, T, D), got {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must have shape (V, {hidden.shape[-1]}), got {tuple(weight.shape)}")
+    _tv.check_float(hidden, "hidden")
+    if hidden.dim() < 2 or hidden.shape[-1] == 0:
+        raise ValueError(f"hidden must have shape (N, D) or (B, T, D) with D >= 1, got {tuple(hidden.shape)}")
+    if hidden.numel() == 0:
+        raise ValueError(f"hidden has no rows (shape {tuple(hidden.shape)}); need at least one")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"weight must have shape (V, {hidden.shape[-1]}) with V >= 1, got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != hidden.dtype):
         raise ValueError(f"bias must have shape ({weight.shape[0]},) and dtype {hidden.dtype}, "
                          f"got {tuple(bias.shape)} {bias.dtype}")
-    if target.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"target must hold class indices (int64), got {target.dtype}")
+    for name, value in (("weight", weight), ("target", target), ("bias", bias)):
+        _tv.check_same_device(value, name, hidden, "hidden")
+    _tv.check_index_dtype(target)
     if tuple(target.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"target shape {tuple(target.shape)} must equal hidden.shape[:-1] = "
                          f"{tuple(hidden.shape[:-1])}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if z_loss < 0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be None or > 0, got {softcap}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    opts = _rule.CrossEntropyOptions.checked(ignore_index=ignore_index, reduction=reduction,
+                                             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
+                                   or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    return opts
 
 
 def linear_cross_entropy(
@@ -339,22 +301,26 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     r"""Cross-entropy of ``hidden @ weight.T + bias`` without materialising the logits.
 
-    Equal to ``cross_entropy(F.linear(hidden, weight, bias), target, ...)`` but computed
-    over chunks of rows, so peak extra memory is the weight gradient plus one
-    ``(chunk_size, V)`` chunk, never ``(N, V)``:
+    Equal to ``softgrad.torch.cross_entropy(F.linear(hidden, weight, bias), target, ...)`` (the
+    rule of :mod:`softgrad._cross_entropy_rule`) but computed over chunks of rows, so peak
+    extra memory is the weight gradient plus one ``(chunk_size, V)`` chunk, never ``(N, V)``:
 
     .. math::
-        s = c \tanh(z / c),\quad z = h W^\top + b,\qquad
-        \ell_i = \operatorname{lse}(s_i) - (1-\varepsilon) s_{i,t_i}
-                 - \tfrac{\varepsilon}{V}\textstyle\sum_j s_{ij} + \zeta \operatorname{lse}(s_i)^2
+        s = c 	anh(z / c),\quad z = h W^	op + b,\qquad
+        \ell_i = (1-arepsilon)(\operatorname{lse}(s_i) - s_{i,t_i})
+                 + 	frac{arepsilon}{V}	extstyle\sum_j (\operatorname{lse}(s_i) - s_{ij})
+                 + \zeta \operatorname{lse}(s_i)^2
+
+    Every autograd mode works (any number of backwards, double backward, forward-mode AD,
+    ``torch.func`` transforms, meta/fake tensors; see the module docstring).
 
     Args:
         hidden: ``(N, D)`` or ``(B, T, D)``, float64/float32/bfloat16/float16 (the
             softmax is computed in float32, or float64 for float64 input).
         weight: ``(V, D)`` as in ``nn.Linear`` (may be tied to an embedding; the
-            gradients accumulate), same dtype as ``hidden``.
-        target: class indices, int64, shape ``hidden.shape[:-1]``, values in
-            ``[0, V)`` or ``ignore_index``.
+            gradients accumulate), same dtype and device as ``hidden``.
+        target: class indices (an integer dtype but uint64), shape ``hidden.shape[:-1]``, values
+            in ``[0, V)`` or ``ignore_index``.
         bias: optional ``(V,)``, same dtype.
         ignore_index: target value whose rows contribute neither loss nor gradient.
         reduction: ``"mean"`` (over non-ignored rows), ``"sum"`` or ``"none"`` (shape
@@ -366,14 +332,18 @@ def linear_cross_entropy(
 
     Returns:
         Tensor: scalar loss, or per-row losses for ``reduction="none"``, in ``hidden``'s
-        dtype (under autocast: the dtype ``hidden`` had before the autocast cast). With ``reduction="mean"`` and every row ignored the loss is NaN (as in
-        PyTorch) and the gradients are zero.
+        dtype (under autocast: the dtype ``hidden`` had before the autocast cast). With
+        ``reduction="mean"`` and every row ignored the loss is NaN (as in PyTorch) and the
+        gradients are zero.
 
     Raises:
         TypeError: non-tensor arguments, non-floating ``hidden``, mismatched dtypes,
-            non-integer ``target``.
-        ValueError: bad shapes, ``target`` values out of range (checked in eager mode),
-            ``reduction``, ``label_smoothing``, ``z_loss``, ``softcap`` or ``chunk_size``.
+            a non-integer or uint64 ``target``, non-int ``ignore_index``, non-real options.
+        ValueError: bad shapes or devices, ``reduction``, ``label_smoothing``, ``z_loss``,
+            ``softcap``, ``ignore_index`` or ``chunk_size``; and in eager mode (one host
+            synchronisation after the forward) ``target`` values outside ``[0, V)`` and not
+            ``ignore_index``, or logits ``hidden @ weight.T + bias`` with NaN/``+inf`` (e.g. from
+            NaN hidden states).
 
     Examples:
         >>> import torch.nn.functional as F
@@ -386,10 +356,11 @@ def linear_cross_entropy(
         >>> bool(torch.allclose(loss, ref))
         True
     """
-    _validate(hidden, weight, target, bias, reduction, label_smoothing, z_loss, softcap, chunk_size)
+    opts = _validate(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                     chunk_size)
     device_type = hidden.device.type
     out_dtype = hidden.dtype  # the caller's dtype: float32 master weights under autocast give a float32 loss
-    if torch.is_autocast_enabled(device_type):
+    if _tv.autocast_enabled(hidden.device):
         # Under autocast the head's matmul runs in the autocast dtype, as nn.Linear's
         # would; the casts are ordinary autograd ops, so fp32 master weights get fp32 grads.
         low = torch.get_autocast_dtype(device_type)
@@ -398,20 +369,26 @@ def linear_cross_entropy(
     batch_shape = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = target.reshape(-1).to(torch.int64)
-    if not torch.compiler.is_compiling():
-        # a data-dependent check (one host sync); skipped inside a compiled graph
-        vocab = weight.shape[0]
-        out_of_range = ((t1 < 0) | (t1 >= vocab)) & (t1 != ignore_index)
-        if bool(out_of_range.any()):
-            bad = t1[out_of_range][0].item()
-            raise ValueError(f"target values must be in [0, {vocab}) or ignore_index={ignore_index}, got {bad}")
     if chunk_size is None:
-        chunk_size = choose_chunk_size(h2.shape[0], weight.shape[0], h2.device, softcap=softcap is not None)
-    with torch.autocast(device_type, enabled=False):
-        out = _LinearCrossEntropy.apply(h2, weight, bias, t1, int(ignore_index), reduction,
-                                        float(label_smoothing), float(z_loss),
-                                        None if softcap is None else float(softcap), int(chunk_size))
-    if reduction == "none":
+        chunk_size = choose_chunk_size(h2.shape[0], weight.shape[0], h2.device, softcap=opts.softcap is not None)
+    with _tv.autocast_off(hidden.device):
+        if _tv.functorch_active() or _tv.has_tangent(h2, weight, bias):
+            ce, lse = _differentiable_chunks(h2, weight, bias, t1, opts, int(chunk_size))
+            _, count, denom = _row_scale(t1, opts, ce.dtype)
+            out = _reduce(ce, lse, t1, opts, count, denom)
+        else:
+            out, lse = _LinearCrossEntropy.apply(h2, weight, bias, t1, opts.ignore_index, opts.reduction,
+                                                 opts.label_smoothing, opts.z_loss, opts.softcap, int(chunk_size),
+                                                 _settings.get_kernel())
+    if _tv.values_checkable(h2):
+        # one host synchronisation: targets in range, and every row's logits finite
+        bad_rows = ~torch.isfinite(lse)
+        if _check_targets(t1, None, weight.shape[0], opts.ignore_index, False, extra=bad_rows.any()):
+            first = int(bad_rows.nonzero()[0, 0])
+            raise ValueError(f"the logits hidden @ weight.T + bias contain NaN or +inf in {int(bad_rows.sum())} "
+                             f"row(s) (first at flattened row {first}): check hidden, weight and bias for "
+                             "NaN/inf values")
+    if opts.reduction == "none":
         out = out.reshape(batch_shape)
     return out.to(out_dtype)
 
@@ -432,8 +409,8 @@ class LinearCrossEntropyLoss(nn.Module):
     def __init__(self, *, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                  z_loss: float = 0.0, softcap: float | None = None, chunk_size: int | None = None) -> None:
         super().__init__()
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        _rule.CrossEntropyOptions.checked(ignore_index=ignore_index, reduction=reduction,
+                                          label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing

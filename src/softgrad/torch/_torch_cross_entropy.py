@@ -1,43 +1,26 @@
-"""Cross-entropy row kernels in PyTorch ops: the CPU path and the readable twin of the Triton kernels.
+"""Cross-entropy row kernels in PyTorch ops: the CPU path, the readable twin of the Triton kernels,
+and the differentiable form that autograd's higher-order modes run through.
 
 Every function here has the same signature and the same results as its namesake in
 :mod:`softgrad.torch._triton_cross_entropy`; the tests check one against the other. The
 public function (:func:`softgrad.torch.cross_entropy`) has validated everything: ``logits``
 is ``(N, C)`` with unit column stride, ``target`` is ``(N,)`` int64 class indices or
 ``(N, C)`` float class probabilities, ``weight`` is ``None`` or ``(C,)`` in the compute
-dtype. The compute dtype is float64 for float64 logits and float32 otherwise.
+dtype (:func:`compute_dtype`: float64 for float64 logits, float32 otherwise).
 
-Notation for one row (the "kernel contract" of this family)::
+What is computed is the rule of :mod:`softgrad._cross_entropy_rule` (notation ``s``, ``m``,
+``d``, ``lse``, ``a``, ``u``, ``mass``, ``dot``, ``alpha``/``beta``/``gamma``, ``kappa``/``zeta``
+and the zero-coefficient convention are defined there): these kernels compute the row
+statistics and call the rule's :func:`~softgrad._cross_entropy_rule.row_loss` and
+:func:`~softgrad._cross_entropy_rule.grad_coefficients`, then assemble
 
-    z        the row of logits                     s_c = cap * tanh(z_c / cap)  with a softcap, else z_c
-    m        max_c s_c                             d   = sum_c exp(s_c - m)
-    lse      m + log d                             a_c = exp(s_c - lse) = softmax(s)_c
-    u_c      class coefficient: w_c for index targets (1 without weights),
-             w_c ((1 - eps) t_c + eps / C) for probability targets t
-    mass     sum_c u_c                             dot = sum_c u_c (s_c - m)    (terms with u_c = 0 count 0)
+    g_c = (alpha a_c - beta [c = y] - gamma u_c) (1 - tanh^2(z_c / cap))
 
-and the loss of a row that is not ignored (``y`` its class, ``eps`` the smoothing)::
+in place, chunk by chunk. :func:`differentiable_rows` and :func:`differentiable_gradient` are
+the same rule on whole tensors with out-of-place ops and the row max held constant, which
+autograd can differentiate again (double backward), push tangents through (forward-mode AD)
+and ``torch.func`` can transform.
 
-    index:       ce = (1 - eps) w_y (m - s_y + log d) + (eps / C) (mass log d - dot)
-    probability: ce = mass log d - dot                   (= -sum_c u_c log a_c)
-
-Both are ``sum_c (coefficient) * (lse - s_c)`` written relative to the row max, so a
-common offset of the logits (all near 1e4, say) cancels exactly instead of costing
-``|z| * eps`` of precision. A term whose coefficient is exactly 0 contributes 0 even where
-``s_c = -inf`` (``0 log 0 = 0``).
-
-Gradient: with ``kappa`` the cross-entropy's reduction factor (``1/sum of weights`` for a
-mean, else 1) and ``zeta`` the z-loss's (``1/rows`` for a mean, else 1), the derivative of
-``kappa * ce + zeta * zl * lse^2`` is, per class ``c``::
-
-    g_c = (alpha a_c - beta [c = y] - gamma u_c) * (1 - tanh^2(z_c / cap))     (last factor only with a softcap)
-
-    index:       alpha = kappa ((1 - eps) w_y + (eps / C) mass) + 2 zeta zl lse,  beta = kappa (1 - eps) w_y,
-                 gamma = kappa eps / C
-    probability: alpha = kappa mass + 2 zeta zl lse,  beta = 0,  gamma = kappa
-
-because ``d(lse - s_k)/ds_c = a_c - [c = k]``, ``d lse^2/ds_c = 2 lse a_c`` and
-``d s_c/d z_c = 1 - tanh^2(z_c / cap)``. Ignored rows have ``alpha = beta = gamma = 0``.
 A row whose index target is neither in ``[0, C)`` nor ``ignore_index`` gets a NaN loss and a
 NaN gradient (the public function raises ``ValueError`` for it before anyone sees it in
 eager mode; inside a compiled graph the NaN is the signal).
@@ -50,7 +33,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["RowStats", "forward", "row_stats", "grad_pass", "scale_rows_"]
+from softgrad import _cross_entropy_rule as _rule
+
+__all__ = ["RowStats", "compute_dtype", "forward", "row_stats", "grad_pass", "scale_rows_", "differentiable_rows",
+           "differentiable_gradient"]
 
 # Bytes of float temporaries per chunk of rows; an (N, C) problem is processed in chunks so
 # that the extra memory of this path is bounded by about this much beyond the outputs.
@@ -74,8 +60,10 @@ class RowStats(NamedTuple):
     mass: Tensor  #: sum_c u_c; 0 unless asked for (need_dot)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The arithmetic dtype for logits of ``dtype``: float64 for float64, float32 for the rest."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
 
 
 def _chunks(n_rows: int, n_cols: int):
@@ -123,7 +111,7 @@ def row_stats(logits: Tensor, target: Tensor, weight: Tensor | None, *, class_of
     targets); they are 0 otherwise.
     """
     n_rows, n_cols = logits.shape
-    cdt = _compute_dtype(logits.dtype)
+    cdt = compute_dtype(logits.dtype)
     num_classes = n_cols if num_classes is None else num_classes
     out = [torch.zeros(n_rows, dtype=cdt, device=logits.device) for _ in range(5)]
     for rows in _chunks(n_rows, n_cols):
@@ -157,7 +145,7 @@ def grad_pass(logits: Tensor, target: Tensor, weight: Tensor | None, lse: Tensor
     the shard. ``out`` may be ``logits`` itself (each chunk is read before it is written).
     """
     n_rows, n_cols = logits.shape
-    cdt = _compute_dtype(logits.dtype)
+    cdt = compute_dtype(logits.dtype)
     num_classes = n_cols if num_classes is None else num_classes
     for rows in _chunks(n_rows, n_cols):
         s, th = _scores(logits[rows].to(cdt), softcap)
@@ -177,6 +165,17 @@ def grad_pass(logits: Tensor, target: Tensor, weight: Tensor | None, lse: Tensor
         out[rows] = g.to(out.dtype)
 
 
+def _index_target(target: Tensor, s: Tensor, weight: Tensor | None, ignore_index: int):
+    """``(valid, bad, y_safe, s_y, w_y)`` of index-target rows: ``y_safe`` is a readable column."""
+    n_cols = s.shape[1]
+    valid = target != ignore_index
+    bad = valid & ~((target >= 0) & (target < n_cols))
+    y_safe = torch.where(valid & ~bad, target, torch.zeros_like(target))
+    s_y = s.gather(1, y_safe[:, None])[:, 0]
+    w_y = weight[y_safe] if weight is not None else torch.ones_like(s_y)
+    return valid, bad, y_safe, s_y, w_y
+
+
 def forward(logits: Tensor, target: Tensor, weight: Tensor | None, scales: Tensor, *, ignore_index: int,
             label_smoothing: float, z_loss: float, softcap: float | None, prob_target: bool,
             grad_out: Tensor | None, row_scale: Tensor | None = None, config=None) -> tuple[Tensor, Tensor]:
@@ -186,8 +185,8 @@ def forward(logits: Tensor, target: Tensor, weight: Tensor | None, scales: Tenso
         logits: ``(N, C)`` float16/bfloat16/float32/float64, unit column stride.
         target: ``(N,)`` int64 class indices, or ``(N, C)`` float probabilities (``prob_target``).
         weight: ``(C,)`` compute dtype, or None.
-        scales: ``(2,)`` compute dtype on the logits' device: ``kappa, zeta`` of the module
-            docstring (the reduction factors of the cross-entropy and of the z-loss).
+        scales: ``(2,)`` compute dtype on the logits' device: ``kappa, zeta``, the reduction
+            factors of the cross-entropy and of the z-loss (the rule's).
         ignore_index: index target value of rows that contribute nothing.
         label_smoothing: ``eps`` in ``[0, 1]``.
         z_loss: ``zl >= 0``; only the gradient uses it (the caller adds ``zl * lse^2``).
@@ -204,73 +203,135 @@ def forward(logits: Tensor, target: Tensor, weight: Tensor | None, scales: Tenso
         each row (0 for ignored rows, NaN for an out-of-range target) and the row's lse.
     """
     n_rows, n_cols = logits.shape
-    cdt = _compute_dtype(logits.dtype)
+    cdt = compute_dtype(logits.dtype)
     eps = float(label_smoothing)
-    kappa, zeta = scales.to(cdt).unbind()
-    w = weight
     need_dot = prob_target or eps > 0.0
     ce_out = torch.empty(n_rows, dtype=cdt, device=logits.device)
     lse_out = torch.empty(n_rows, dtype=cdt, device=logits.device)
     zero = torch.zeros((), dtype=cdt, device=logits.device)
-    nan = torch.full((), float("nan"), dtype=cdt, device=logits.device)
+    kappa, zeta = scales.to(cdt).unbind()
     for rows in _chunks(n_rows, n_cols):
         if row_scale is not None:
             kappa, zeta = (x * row_scale[rows].to(cdt) for x in scales.to(cdt).unbind())
         s, th = _scores(logits[rows].to(cdt), softcap)
         m = s.amax(dim=1)
-        # the shift keeps every exp argument <= 0; an all -inf row keeps m = -inf, d = 0 and lse = -inf
-        shifted = s - torch.where(torch.isneginf(m), zero, m)[:, None]
-        log_d = torch.log(torch.exp(shifted).sum(dim=1))
-        lse = m + log_d
+        m_safe = torch.where(torch.isneginf(m), zero, m)[:, None]
+        # the shift keeps every exp argument <= 0; an all -inf row keeps m = -inf, d = 0 and lse = -inf.
+        # One (n, C) buffer serves as s - m, then exp(s - m), then the gradient: the only
+        # temporary of this path besides the softcap's; when the gradient overwrites the
+        # logits in their own dtype that buffer is the logits' chunk itself.
+        in_place = grad_out is logits and th is None and s.dtype == logits.dtype
+        s_y = None
+        if not prob_target:
+            valid, bad, y_safe, s_y, w_y = _index_target(target[rows], s, weight, ignore_index)
+        work = s.sub_(m_safe) if in_place else s - m_safe
+        u = dot = mass = None
         if need_dot:
-            u = _class_coeff(target[rows] if prob_target else None, w, n_cols, eps, n_cols, cdt, logits.device)
-            dot = _masked_dot(u, shifted)
+            u = _class_coeff(target[rows] if prob_target else None, weight, n_cols, eps, n_cols, cdt, logits.device)
+            dot = _masked_dot(u, work)
             mass = u.sum(dim=1).expand(m.shape[0])
         if prob_target:
-            valid = torch.ones_like(m, dtype=torch.bool)
-            bad = torch.zeros_like(valid)
-            ce = mass * log_d - dot
-            alpha, beta, gamma = kappa * mass, torch.zeros_like(m), kappa.expand(m.shape[0])
-        else:
-            y = target[rows]
-            valid = y != ignore_index
-            in_range = (y >= 0) & (y < n_cols)
-            bad = valid & ~in_range
-            y_safe = torch.where(valid & in_range, y, torch.zeros_like(y))
-            s_y = s.gather(1, y_safe[:, None])[:, 0]
-            c1 = (1.0 - eps) * (w[y_safe] if w is not None else torch.ones_like(m))
-            # (m - s_y) + log d = lse - s_y without cancelling a large common offset
-            ce = torch.where(c1 == 0, zero, c1 * ((m - s_y) + log_d))
-            alpha, beta = kappa * c1, kappa * c1
-            gamma = (kappa * (eps / n_cols)).expand(m.shape[0])
-            if eps > 0.0:
-                ce = ce + (eps / n_cols) * (mass * log_d - dot)
-                alpha = alpha + kappa * (eps / n_cols) * mass
-        ce = torch.where(bad, nan, torch.where(valid, ce, zero))
+            valid, bad, y_safe, w_y = None, None, None, None
+        exp_shifted = work.exp_()
+        d = exp_shifted.sum(dim=1)
+        log_d = torch.log(d)
+        lse = m + log_d
+        ce = _rule.row_loss(m, log_d, dot=dot, mass=mass, s_y=s_y, w_y=w_y, prob_target=prob_target,
+                            label_smoothing=eps, num_classes=n_cols)
+        if not prob_target:
+            ce = torch.where(bad, torch.nan, torch.where(valid, ce, zero))
         ce_out[rows] = ce
         lse_out[rows] = lse
         if grad_out is None:
             continue
-        if z_loss:
-            alpha = alpha + 2.0 * z_loss * zeta * lse
-        keep = valid.to(cdt)
-        alpha = torch.where(bad, nan, alpha * keep)
-        beta, gamma = beta * keep, gamma * keep
-        # g_c = (alpha a_c - beta [c = y] - gamma u_c) * (1 - tanh^2): see the module docstring
-        g = torch.exp(shifted - log_d[:, None]).mul_(alpha[:, None])
+        alpha, beta, gamma = _rule.grad_coefficients(lse, kappa, zeta, w_y=w_y, mass=mass, valid=valid,
+                                                     prob_target=prob_target, label_smoothing=eps, z_loss=z_loss,
+                                                     num_classes=n_cols)
+        if bad is not None:
+            alpha = torch.where(bad, torch.nan, alpha)
+        # g_c = (alpha a_c - beta [c = y] - gamma u_c) * (1 - tanh^2) with a_c = exp(s_c - m) / d,
+        # assembled in place over exp(s - m)
+        g = exp_shifted.mul_((alpha / d)[:, None])
         if not prob_target:
             g.scatter_add_(1, y_safe[:, None], -beta[:, None])
         if need_dot:
             g.sub_(gamma[:, None] * u)
         if th is not None:
-            g.mul_(1.0 - th * th)
-        grad_out[rows] = g.to(grad_out.dtype)
+            g.mul_(th.mul_(th).neg_().add_(1.0))  # th's buffer is free now: 1 - tanh^2 in place
+        if not in_place:
+            grad_out[rows] = g.to(grad_out.dtype)
     return ce_out, lse_out
 
 
+def _whole_row_terms(logits: Tensor, target: Tensor, weight: Tensor | None, *, ignore_index: int,
+                     label_smoothing: float, softcap: float | None, prob_target: bool):
+    """Differentiable row statistics of whole ``(N, C)`` tensors, the row max held constant."""
+    n_cols = logits.shape[1]
+    cdt = compute_dtype(logits.dtype)
+    eps = float(label_smoothing)
+    s, th = _scores(logits.to(cdt), softcap)
+    m = s.amax(dim=1).detach()
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    shifted = s - m[:, None]
+    log_d = torch.log(torch.exp(shifted).sum(dim=1))
+    terms = dict(s=s, th=th, m=m, shifted=shifted, log_d=log_d, lse=m + log_d, u=None, dot=None, mass=None,
+                 valid=None, bad=None, y_safe=None, s_y=None, w_y=None)
+    w = None if weight is None else weight.to(cdt)
+    if prob_target or eps > 0.0:
+        u = _class_coeff(target.to(cdt) if prob_target else None, w, n_cols, eps, n_cols, cdt, logits.device)
+        prod = u * shifted
+        terms.update(u=u, dot=torch.where(u == 0, torch.zeros_like(prod), prod).sum(dim=1),
+                     mass=u.sum(dim=1).expand(m.shape[0]))
+    if not prob_target:
+        valid, bad, y_safe, s_y, w_y = _index_target(target, s, w, ignore_index)
+        terms.update(valid=valid, bad=bad, y_safe=y_safe, s_y=s_y, w_y=w_y)
+    return terms
+
+
+def differentiable_rows(logits: Tensor, target: Tensor, weight: Tensor | None, *, ignore_index: int,
+                        label_smoothing: float, softcap: float | None, prob_target: bool) -> tuple[Tensor, Tensor]:
+    """``(ce (N,), lse (N,))`` as :func:`forward` returns them, from out-of-place ops autograd can differentiate.
+
+    Holds ``O(N C)`` intermediates (no chunking): the path for double backward, forward-mode AD
+    and ``torch.func`` transforms, not for speed.
+    """
+    t = _whole_row_terms(logits, target, weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                         softcap=softcap, prob_target=prob_target)
+    ce = _rule.row_loss(t["m"], t["log_d"], dot=t["dot"], mass=t["mass"], s_y=t["s_y"], w_y=t["w_y"],
+                        prob_target=prob_target, label_smoothing=label_smoothing, num_classes=logits.shape[1])
+    if not prob_target:
+        ce = torch.where(t["bad"], torch.nan, torch.where(t["valid"], ce, torch.zeros_like(ce)))
+    return ce, t["lse"]
+
+
+def differentiable_gradient(logits: Tensor, target: Tensor, weight: Tensor | None, kappa: Tensor, zeta: Tensor, *,
+                            ignore_index: int, label_smoothing: float, z_loss: float, softcap: float | None,
+                            prob_target: bool) -> Tensor:
+    """The gradient :func:`forward` writes into ``grad_out``, in the compute dtype, as a differentiable function
+    of ``logits`` (and of probability targets): what double backward differentiates.
+
+    ``kappa``/``zeta`` are the reduction factors, 0-d or ``(N,)`` (per-row factors, e.g. times
+    an upstream gradient).
+    """
+    t = _whole_row_terms(logits, target, weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                         softcap=softcap, prob_target=prob_target)
+    alpha, beta, gamma = _rule.grad_coefficients(t["lse"], kappa, zeta, w_y=t["w_y"], mass=t["mass"],
+                                                 valid=t["valid"], prob_target=prob_target,
+                                                 label_smoothing=label_smoothing, z_loss=z_loss,
+                                                 num_classes=logits.shape[1])
+    a = torch.exp(t["shifted"] - t["log_d"][:, None])
+    return _rule.gradient(a, t["y_safe"], t["u"], alpha, beta, gamma, t["th"], prob_target=prob_target,
+                          need_u=t["u"] is not None)
+
+
 def scale_rows_(grad: Tensor, scale: Tensor) -> None:
-    """``grad *= scale`` in place: ``scale`` is a 0-d tensor or ``(N,)`` (one factor per row)."""
+    """``grad *= scale`` in place: ``scale`` is a 0-d tensor or ``(N,)`` (one factor per row).
+
+    A 0-d factor of exactly 1 on the CPU (read without a device synchronisation) skips the pass.
+    """
     if scale.dim() == 0:
+        if scale.device.type == "cpu" and float(scale) == 1.0:
+            return
         grad.mul_(scale.to(grad.dtype))
     else:
         grad.mul_(scale.to(grad.dtype)[:, None])

@@ -1,8 +1,9 @@
 """Cross-entropy row kernels in Triton: one launch computes the loss, the lse and the gradient.
 
-Same functions, signatures and results as :mod:`softgrad.torch._torch_cross_entropy` (whose
-docstring defines the notation: ``s``, ``m``, ``d``, ``lse``, ``u``, ``mass``, ``dot``,
-``alpha``/``beta``/``gamma``). Arithmetic is float32 for float16/bfloat16/float32 logits and
+Same functions, signatures and results as :mod:`softgrad.torch._torch_cross_entropy`: the
+rule of :mod:`softgrad._cross_entropy_rule` (notation ``s``, ``m``, ``d``, ``lse``, ``u``,
+``mass``, ``dot``, ``alpha``/``beta``/``gamma``, and the zero-coefficient convention),
+re-expressed in Triton for speed; the conformance test holds it to the rule. Arithmetic is float32 for float16/bfloat16/float32 logits and
 float64 for float64 logits; loads and stores are in the tensors' own dtypes.
 
 Memory traffic is what decides the speed: the floor for a fused forward + backward is one
@@ -22,8 +23,6 @@ is exchanged between programs and any ``C`` works. Variants (``KernelConfig.vari
   second read of a row then costs L2 bandwidth rather than HBM bandwidth whenever the rows
   in flight fit in L2. No
   recompilation per ``C``: ``C`` is a runtime argument, ``block_size`` a constant.
-* ``"two_pass_forward"``: the same with the second pass in forward order (to measure what
-  the reverse order buys).
 
 ``"auto"`` picks ``one_pass`` up to ``ONE_PASS_MAX_COLS`` columns (half that with probability
 targets, smoothing or a softcap, which need more registers) and ``two_pass`` above.
@@ -50,7 +49,7 @@ from softgrad.torch._torch_cross_entropy import RowStats
 __all__ = ["KernelConfig", "INTERPRETED", "forward", "row_stats", "grad_pass", "scale_rows_"]
 
 ONE_PASS_MAX_COLS = 32768
-VARIANTS = ("auto", "one_pass", "two_pass", "two_pass_forward")
+VARIANTS = ("auto", "one_pass", "two_pass")
 _NEG_BIG = {torch.float32: -3.4028234663852886e38, torch.float64: -1.7976931348623157e308}
 
 
@@ -477,7 +476,7 @@ def forward(logits: Tensor, target: Tensor, weight: Tensor | None, scales: Tenso
     if variant == "one_pass":
         _ce_one_pass_kernel[(n_rows,)](*args, **common)
     else:
-        _ce_two_pass_kernel[(n_rows,)](*args, REVERSE=variant == "two_pass", NEG_BIG=_NEG_BIG[cdt], **common)
+        _ce_two_pass_kernel[(n_rows,)](*args, REVERSE=True, NEG_BIG=_NEG_BIG[cdt], **common)
     return ce, lse
 
 
