@@ -59,6 +59,13 @@ for index targets (``count`` without weights; the number of rows for probability
     "sum":   loss = sum ce + zl sum lse^2                      kappa = zeta = 1
     "none":  loss_i = ce_i + zl lse_i^2                        kappa = zeta = 1 (gradient of the sum)
 
+Token weights and normalisers (``softgrad.torch``). Per-row weights ``rho_i`` (loss masks,
+DFT-style scaling) multiply row ``i``'s ``ce`` and z-loss and its factors: ``kappa_i = rho_i
+kappa``, ``zeta_i = rho_i zeta``; the mean's denominators stay those above. A ``normalizer``
+``n_i`` (a number, or one per row: per-sequence means of packed batches) replaces them: the
+loss is ``sum_i rho_i (ce_i + zl lse_i^2) / n_i`` and ``kappa_i = zeta_i = rho_i / n_i`` --
+Hugging Face's ``num_items_in_batch`` is ``n_i = num_items_in_batch``.
+
 A mean over nothing (``denom = 0``: every row ignored, or all selected weights 0) is NaN, as in
 PyTorch, and its factor -- hence the gradient -- is 0. A row whose index target is neither in
 ``[0, C)`` nor ``ignore_index`` is an error: the public functions raise ``ValueError`` (in
@@ -310,12 +317,19 @@ def z_loss_rows(lse: Any, z_loss: float, valid: Any = None) -> Any:
     return rows if valid is None else xp.where(valid, rows, 0.0)
 
 
-def reduce_rows(ce: Any, z_rows: Any, reduction: str, count: Any, denom: Any) -> tuple[Any, Any]:
+def reduce_rows(ce: Any, z_rows: Any, reduction: str, count: Any, denom: Any, row_scale: Any = None) -> tuple[Any, Any]:
     """``(loss, z_part)``: the reduced loss (z-loss included) and its z-loss part.
 
     ``"none"`` returns the per-row ``ce + z_rows`` and ``z_rows``; ``"sum"`` their sums;
     ``"mean"`` ``sum ce / denom + sum z_rows / count`` (NaN when ``denom`` is 0, as PyTorch).
+
+    ``row_scale`` (``(N,)`` or None) multiplies each row's ``ce`` and ``z_rows`` first: per-token
+    weights ``rho_i``, and ``rho_i / normalizer_i`` with ``reduction="sum"`` for a caller's own
+    normaliser (e.g. Hugging Face's ``num_items_in_batch``). The gradient factors are then
+    ``kappa_i = rho_i kappa`` and ``zeta_i = rho_i zeta``: the mean's denominators do not change.
     """
+    if row_scale is not None:
+        ce, z_rows = ce * row_scale, z_rows * row_scale
     if reduction == "none":
         return ce + z_rows, z_rows
     z_part = z_rows.sum()

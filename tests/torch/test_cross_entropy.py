@@ -355,13 +355,16 @@ def test_custom_ops_pass_opcheck(rng):
     p = _make_target(rng, "probs", (5, 6))
     w = torch.from_numpy(rng.uniform(0.5, 1.5, size=6))
     ops = torch.ops.softgrad
-    torch.library.opcheck(ops.cross_entropy.default, (z, y, w, -100, "mean", 0.1, 1e-3, 2.0, True, "torch"))
-    torch.library.opcheck(ops.cross_entropy.default, (z, p, None, -100, "none", 0.0, 0.0, None, True, "torch"))
+    r = torch.from_numpy(rng.uniform(0.5, 2.0, size=5))
+    torch.library.opcheck(ops.cross_entropy.default, (z, y, w, None, -100, "mean", 0.1, 1e-3, 2.0, True, False,
+                                                      "torch"))
+    torch.library.opcheck(ops.cross_entropy.default, (z, p, None, r, -100, "none", 0.0, 0.0, None, True, True,
+                                                      "torch"))
     torch.library.opcheck(ops.cross_entropy_inplace_.default,
-                          (z.detach().clone(), y, None, -100, "sum", 0.0, 1e-3, None, "torch"))
+                          (z.detach().clone(), y, None, r, -100, "sum", 0.0, 1e-3, None, True, "torch"))
     torch.library.opcheck(ops.cross_entropy_rows_.default,
-                          (z.detach().clone(), y, torch.ones(5, dtype=torch.float64), -100, 0.1, 1e-3, 2.0, True,
-                           "torch"))
+                          (z.detach().clone(), y, w, torch.tensor([0.5, 0.25], dtype=torch.float64), r, -100, 0.1,
+                           1e-3, 2.0, True, True, "torch"))
 
 
 def test_autocast_returns_float32_loss_like_torch(rng):

@@ -231,11 +231,12 @@ _COMPILE_FOR_H100 = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from softgrad.torch import _triton_cross_entropy as K
     row = {"X": "*bf16", "stride_x": "i32", "G": "*bf16", "stride_g": "i32", "T": "*i64", "stride_t": "i32",
-           "W": "*fp32", "P": "*fp32", "RS": "*fp32", "LOSS": "*fp32", "LSE": "*fp32", "n_cols": "i32",
-           "ignore_index": "i32"}
+           "W": "*fp32", "P": "*fp32", "RS": "*fp32", "LOSS": "*fp32", "LSE": "*fp32", "STATS_OUT": "*fp32",
+           "n_rows": "i32", "n_cols": "i32", "ignore_index": "i32"}
     plain = dict(HAS_ROW_SCALE=False, HAS_WEIGHT=False, PROB_TARGET=False, SMOOTH=False, HAS_SOFTCAP=False, HAS_ZLOSS=False,
-                 WITH_GRAD=True, NEED_DOT=False, ACC=tl.float32)
-    every = dict(plain, HAS_ROW_SCALE=True, HAS_WEIGHT=True, SMOOTH=True, HAS_SOFTCAP=True, HAS_ZLOSS=True, NEED_DOT=True)
+                 WITH_GRAD=True, NEED_DOT=False, STATS=False, ACC=tl.float32)
+    every = dict(plain, HAS_ROW_SCALE=True, HAS_WEIGHT=True, SMOOTH=True, HAS_SOFTCAP=True, HAS_ZLOSS=True, NEED_DOT=True,
+                 STATS=True)
     probs = dict(every, PROB_TARGET=True)
     f64 = {k: v.replace("bf16", "fp64").replace("fp32", "fp64") for k, v in row.items()}
     probs_sig = dict(row, T="*bf16")
@@ -247,6 +248,7 @@ _COMPILE_FOR_H100 = textwrap.dedent("""
         ("two_pass_f64", K._ce_two_pass_kernel, f64, dict(every, ACC=tl.float64, REVERSE=True, BLOCK=2048,
                                                           NEG_BIG=-1.7e308), 8),
         ("one_pass", K._ce_one_pass_kernel, row, dict(plain, BLOCK=32768), 32),
+        ("one_pass_stats", K._ce_one_pass_kernel, row, dict(plain, STATS=True, BLOCK=16384), 32),
         ("stats", K._ce_stats_kernel,
          {"X": "*bf16", "stride_x": "i32", "T": "*i64", "stride_t": "i32", "W": "*fp32", "P": "*fp32",
           "OUT": "*fp32", "n_rows": "i32", "n_cols": "i32", "class_offset": "i32", "num_classes": "i32"},
@@ -281,7 +283,7 @@ def test_kernels_compile_for_an_h100_without_a_gpu():
     out = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100], capture_output=True, text=True, timeout=300,
                          env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert len(json.loads(out.stdout.strip().splitlines()[-1])) == 8
+    assert len(json.loads(out.stdout.strip().splitlines()[-1])) == 9
 
 
 # ----------------------------------------------------------------------------- real GPU only

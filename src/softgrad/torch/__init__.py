@@ -8,7 +8,7 @@ with it and never hold the ``(N, V)`` logits. ``use_kernel`` / ``use_value_check
 kernels and the eager value checks per thread. Needs PyTorch; Triton is optional (CUDA only).
 """
 
-from softgrad.torch._cross_entropy import CrossEntropyLoss, CrossEntropyOutput, cross_entropy
+from softgrad.torch._cross_entropy import CrossEntropyLoss, CrossEntropyOutput, cross_entropy, sequence_normalizer
 from softgrad.torch._linear_cross_entropy import LinearCrossEntropyLoss, choose_chunk_size, linear_cross_entropy
 from softgrad.torch._settings import get_kernel, row_kernels, use_kernel, use_value_checks, value_checks_enabled
 
@@ -21,6 +21,7 @@ __all__ = [
     "get_kernel",
     "linear_cross_entropy",
     "row_kernels",
+    "sequence_normalizer",
     "use_kernel",
     "use_value_checks",
     "value_checks_enabled",

@@ -178,7 +178,8 @@ def _index_target(target: Tensor, s: Tensor, weight: Tensor | None, ignore_index
 
 def forward(logits: Tensor, target: Tensor, weight: Tensor | None, scales: Tensor, *, ignore_index: int,
             label_smoothing: float, z_loss: float, softcap: float | None, prob_target: bool,
-            grad_out: Tensor | None, row_scale: Tensor | None = None, config=None) -> tuple[Tensor, Tensor]:
+            grad_out: Tensor | None, row_scale: Tensor | None = None, stats_out: Tensor | None = None,
+            config=None) -> tuple[Tensor, Tensor]:
     """Fused forward: per-row cross-entropy and lse, and (if ``grad_out``) the gradient.
 
     Args:
@@ -196,6 +197,10 @@ def forward(logits: Tensor, target: Tensor, weight: Tensor | None, scales: Tenso
             ``logits`` itself (the gradient overwrites the logits, chunk by chunk).
         row_scale: optional ``(N,)`` factor multiplying ``kappa`` and ``zeta`` row by row (the
             per-row upstream gradient when the caller knows it in the forward).
+        stats_out: optional ``(2, N)`` compute-dtype buffer for the same-pass statistics:
+            ``stats_out[0]`` the entropy of ``softmax(s)`` per row, ``lse - sum_c a_c s_c`` =
+            ``log d - sum_c e_c (s_c - m) / d`` with ``e_c = exp(s_c - m)``, and ``stats_out[1]`` the
+            row's argmax (the first maximal column), as a float (exact below 2^24 columns).
         config: ignored (the Triton path's kernel configuration).
 
     Returns:
@@ -232,9 +237,17 @@ def forward(logits: Tensor, target: Tensor, weight: Tensor | None, scales: Tenso
             mass = u.sum(dim=1).expand(m.shape[0])
         if prob_target:
             valid, bad, y_safe, w_y = None, None, None, None
+        if stats_out is not None:
+            stats_out[1, rows] = work.argmax(dim=1).to(cdt)  # the shift by m does not move the argmax
+            # sum_c e_c (s_c - m), 0 for -inf columns (e_c = 0): the entropy's numerator, before work is exp'd
+            e_shift = torch.exp(work) * work
+            shifted_sum = torch.where(torch.isneginf(work), zero, e_shift).sum(dim=1)
+            del e_shift
         exp_shifted = work.exp_()
         d = exp_shifted.sum(dim=1)
         log_d = torch.log(d)
+        if stats_out is not None:
+            stats_out[0, rows] = log_d - shifted_sum / d
         lse = m + log_d
         ce = _rule.row_loss(m, log_d, dot=dot, mass=mass, s_y=s_y, w_y=w_y, prob_target=prob_target,
                             label_smoothing=eps, num_classes=n_cols)

@@ -141,28 +141,41 @@ def _class_coeff(t_row, W, cols, mask, eps, num_classes,
 @triton.jit
 def _stats_loop(x_row, t_row, W, n_cols, cap, eps, num_classes,
                 NEED_DOT: tl.constexpr, HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr,
-                HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, NEG_BIG: tl.constexpr):
-    """First pass over a row: ``m``, ``d``, ``dot`` (relative to the final ``m``) and ``mass``.
+                HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, NEG_BIG: tl.constexpr,
+                STATS: tl.constexpr):
+    """First pass over a row: ``m``, ``d``, ``dot`` (relative to the final ``m``), ``mass`` and,
+    with STATS, ``ent = sum_c e_c (s_c - m)`` (relative to the final ``m``) and the argmax.
 
     The online recurrence (arXiv:1805.02867) starts from the finite ``m = NEG_BIG`` rather than
     -inf, so blocks that are entirely -inf never form ``-inf - (-inf)``; ``dot`` is kept relative
-    to the running max and re-based by ``mass * (m - m')`` whenever the max grows.
+    to the running max and re-based by ``mass * (m - m')`` whenever the max grows. ``ent``
+    re-bases the same way: with ``m' >= m``, ``sum e'_c (s_c - m') = exp(m - m') (ent + (m - m') d)``.
+    The argmax moves only to a block whose max is strictly larger (the first maximal column wins).
     """
     m = tl.full([], NEG_BIG, ACC)
     d = tl.zeros([], ACC)
     dot = tl.zeros([], ACC)
     mass = tl.zeros([], ACC)
+    ent = tl.zeros([], ACC)
+    arg = tl.zeros([], tl.int64)
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         s, th, mask = _scores(x_row, cols, n_cols, cap, HAS_SOFTCAP, ACC, "evict_last")
-        m_new = tl.maximum(m, tl.max(s, axis=0))
-        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
+        block_max = tl.max(s, axis=0)
+        m_new = tl.maximum(m, block_max)
+        e = tl.exp(s - m_new)
+        if STATS:
+            block_arg = (start + tl.argmax(s, axis=0)).to(tl.int64)
+            arg = tl.where(block_max > m, block_arg, arg)
+            ent = tl.exp(m - m_new) * (ent + (m - m_new) * d) + tl.sum(tl.where(e == 0.0, 0.0, e * (s - m_new)),
+                                                                       axis=0)
+        d = d * tl.exp(m - m_new) + tl.sum(e, axis=0)
         if NEED_DOT:
             u = _class_coeff(t_row, W, cols, mask, eps, num_classes, HAS_WEIGHT, PROB_TARGET, ACC)
             dot = dot + mass * (m - m_new) + tl.sum(tl.where(u == 0.0, 0.0, u * (s - m_new)), axis=0)
             mass = mass + tl.sum(u, axis=0)
         m = m_new
-    return m, d, dot, mass
+    return m, d, dot, mass, ent, arg
 
 
 @triton.jit
@@ -259,12 +272,13 @@ def _row_target(T, row, x_row, W, n_cols, ignore_index, cap,
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit(do_not_specialize=["stride_x", "stride_g", "stride_t", "n_cols", "ignore_index"])
-def _ce_two_pass_kernel(X, stride_x, G, stride_g, T, stride_t, W, P, RS, LOSS, LSE, n_cols, ignore_index,
+def _ce_two_pass_kernel(X, stride_x, G, stride_g, T, stride_t, W, P, RS, LOSS, LSE, STATS_OUT, n_rows, n_cols,
+                        ignore_index,
                         HAS_ROW_SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr,
                         SMOOTH: tl.constexpr,
                         HAS_SOFTCAP: tl.constexpr, HAS_ZLOSS: tl.constexpr, WITH_GRAD: tl.constexpr,
-                        NEED_DOT: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
-                        NEG_BIG: tl.constexpr):
+                        NEED_DOT: tl.constexpr, STATS: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr,
+                        ACC: tl.constexpr, NEG_BIG: tl.constexpr):
     """One row per program: pass 1 (online max/sum), loss, then pass 2 (gradient) if WITH_GRAD."""
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride overflows int32 when N * C > 2**31
     x_row = X + row * stride_x
@@ -280,24 +294,28 @@ def _ce_two_pass_kernel(X, stride_x, G, stride_g, T, stride_t, W, P, RS, LOSS, L
     cap = tl.load(P + 4)
     y, s_y, w_y, valid, bad = _row_target(T, row, x_row, W, n_cols, ignore_index, cap,
                                           HAS_WEIGHT, PROB_TARGET, HAS_SOFTCAP, ACC)
-    m, d, dot, mass = _stats_loop(x_row, t_row, W, n_cols, cap, eps, n_cols, NEED_DOT,
-                                  HAS_WEIGHT, PROB_TARGET, HAS_SOFTCAP, BLOCK, ACC, NEG_BIG)
+    m, d, dot, mass, ent, arg = _stats_loop(x_row, t_row, W, n_cols, cap, eps, n_cols, NEED_DOT,
+                                            HAS_WEIGHT, PROB_TARGET, HAS_SOFTCAP, BLOCK, ACC, NEG_BIG, STATS)
     log_d = tl.log(d)
     ce, lse, alpha, beta, gamma = _row_loss_and_coeffs(m, log_d, dot, mass, s_y, w_y, valid, bad, kappa, zeta,
                                                        eps, zl, n_cols, SMOOTH, PROB_TARGET, HAS_ZLOSS)
     tl.store(LOSS + row, ce)
     tl.store(LSE + row, lse)
+    if STATS:  # entropy = log d - sum_c e_c (s_c - m) / d; the argmax as a float of the compute dtype
+        tl.store(STATS_OUT + row, log_d - ent / d)
+        tl.store(STATS_OUT + n_rows + row, arg.to(ACC))
     if WITH_GRAD:
         _grad_loop(x_row, G + row * stride_g, t_row, W, n_cols, m, log_d, alpha, beta, gamma, y, cap, eps,
                    n_cols, NEED_DOT, HAS_WEIGHT, PROB_TARGET, HAS_SOFTCAP, REVERSE, BLOCK, ACC)
 
 
 @triton.jit(do_not_specialize=["stride_x", "stride_g", "stride_t", "n_cols", "ignore_index"])
-def _ce_one_pass_kernel(X, stride_x, G, stride_g, T, stride_t, W, P, RS, LOSS, LSE, n_cols, ignore_index,
+def _ce_one_pass_kernel(X, stride_x, G, stride_g, T, stride_t, W, P, RS, LOSS, LSE, STATS_OUT, n_rows, n_cols,
+                        ignore_index,
                         HAS_ROW_SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr,
                         SMOOTH: tl.constexpr,
                         HAS_SOFTCAP: tl.constexpr, HAS_ZLOSS: tl.constexpr, WITH_GRAD: tl.constexpr,
-                        NEED_DOT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+                        NEED_DOT: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     """One row per program, the whole row in one block (BLOCK >= n_cols): the logits are read once."""
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
@@ -332,6 +350,10 @@ def _ce_one_pass_kernel(X, stride_x, G, stride_g, T, stride_t, W, P, RS, LOSS, L
                                                        eps, zl, n_cols, SMOOTH, PROB_TARGET, HAS_ZLOSS)
     tl.store(LOSS + row, ce)
     tl.store(LSE + row, lse)
+    if STATS:  # entropy = log d - sum_c e_c (s_c - m) / d (0 for -inf columns); the first maximal column
+        ent = tl.sum(tl.where(e == 0.0, 0.0, e * (s - m)), axis=0)
+        tl.store(STATS_OUT + row, log_d - ent / d)
+        tl.store(STATS_OUT + n_rows + row, tl.argmax(s, axis=0).to(ACC))
     if WITH_GRAD:
         a = e / d
         g = _grad_block(s, th, cols, y, a, alpha, beta, gamma, u, NEED_DOT, HAS_SOFTCAP)
@@ -349,8 +371,8 @@ def _ce_stats_kernel(X, stride_x, T, stride_t, W, P, OUT, n_rows, n_cols, class_
     t_row = T + row * stride_t
     eps = tl.load(P + 2)
     cap = tl.load(P + 4)
-    m, d, dot, mass = _stats_loop(x_row, t_row, W, n_cols, cap, eps, num_classes, NEED_DOT,
-                                  HAS_WEIGHT, PROB_TARGET, HAS_SOFTCAP, BLOCK, ACC, NEG_BIG)
+    m, d, dot, mass, _ent, _arg = _stats_loop(x_row, t_row, W, n_cols, cap, eps, num_classes, NEED_DOT,
+                                              HAS_WEIGHT, PROB_TARGET, HAS_SOFTCAP, BLOCK, ACC, NEG_BIG, False)
     all_neg_inf = d == 0.0
     tl.store(OUT + row, tl.where(all_neg_inf, float("-inf"), m))
     tl.store(OUT + n_rows + row, tl.log(d))
@@ -447,7 +469,7 @@ def _params(scales: Tensor | None, label_smoothing: float, z_loss: float, softca
 
 def forward(logits: Tensor, target: Tensor, weight: Tensor | None, scales: Tensor, *, ignore_index: int,
             label_smoothing: float, z_loss: float, softcap: float | None, prob_target: bool,
-            grad_out: Tensor | None, row_scale: Tensor | None = None,
+            grad_out: Tensor | None, row_scale: Tensor | None = None, stats_out: Tensor | None = None,
             config: KernelConfig | None = None) -> tuple[Tensor, Tensor]:
     """Fused forward in one launch; arguments and results as ``_torch_cross_entropy.forward``.
 
@@ -469,9 +491,10 @@ def forward(logits: Tensor, target: Tensor, weight: Tensor | None, scales: Tenso
     rs = row_scale.to(cdt).contiguous() if row_scale is not None else params
     common = dict(HAS_ROW_SCALE=row_scale is not None, HAS_WEIGHT=weight is not None, PROB_TARGET=prob_target,
                   SMOOTH=eps > 0.0, HAS_SOFTCAP=softcap is not None, HAS_ZLOSS=float(z_loss) != 0.0,
-                  WITH_GRAD=grad_out is not None, NEED_DOT=prob_target or eps > 0.0, BLOCK=block, ACC=_acc(cdt),
-                  num_warps=warps)
-    args = (logits, logits.stride(0), g, g.stride(0), target, stride_t, w, params, rs, ce, lse, n_cols,
+                  WITH_GRAD=grad_out is not None, NEED_DOT=prob_target or eps > 0.0, STATS=stats_out is not None,
+                  BLOCK=block, ACC=_acc(cdt), num_warps=warps)
+    st = stats_out if stats_out is not None else params
+    args = (logits, logits.stride(0), g, g.stride(0), target, stride_t, w, params, rs, ce, lse, st, n_rows, n_cols,
             int(ignore_index))
     if variant == "one_pass":
         _ce_one_pass_kernel[(n_rows,)](*args, **common)
