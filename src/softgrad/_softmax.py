@@ -152,7 +152,8 @@ def logsumexp(logits: Any, axis: Any = -1, b: Any = None, keepdims: bool = False
     Returns:
         ``lse``, or ``(lse, sign)`` with ``return_sign``: arrays of the (broadcast) shape
         without the reduced axes (with them of length 1 when ``keepdims``), in the logits'
-        dtype (promoted with a floating ``b``'s); a 0-d array when every axis is reduced.
+        dtype, or with ``b`` NumPy's promotion of the two dtypes (as SciPy: float32 logits
+        with an int64 ``b`` give float64); a 0-d array when every axis is reduced.
 
     Raises:
         TypeError: non-floating ``logits``, non-real ``b``, a bad ``axis`` type.
@@ -216,7 +217,7 @@ def _weighted_logsumexp(logits: Any, axis: Any, b: Any):
         a, w = np.broadcast_arrays(a, w)
     except ValueError as exc:
         raise ValueError(f"b of shape {w.shape} does not broadcast against logits of shape {a.shape}") from exc
-    dtype = np.result_type(a.dtype, w.dtype) if np.issubdtype(w.dtype, np.floating) else a.dtype
+    dtype = np.result_type(a.dtype, w.dtype)  # NumPy's promotion, as SciPy: float32 with int64 is float64
     layout = dataclasses.replace(_v.layout_for(a, axis), dtype=np.dtype(dtype))
     if a.size == 0:
         raise ValueError(f"logits is empty (shape {a.shape}); need at least one row and one class")
