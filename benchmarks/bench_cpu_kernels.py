@@ -5,7 +5,9 @@ For every shape ``(N, C)`` and dtype (float32, float64), in one process:
 ``softmax`` (probabilities of every row):
 
 * ``numba``          -- ``softgrad._kernels._numba.softmax`` (the kernel: output buffer given)
-* ``softgrad[numba]``-- the public ``softgrad.softmax`` on the numba backend (adds input checks and the output array)
+* ``softgrad[numba]``-- the public ``softgrad.softmax`` on the numba backend (adds the argument checks and a
+  fresh result array; the values are checked inside the kernel's pass)
+* ``softgrad[numba]+out`` -- the same with ``out=`` a preallocated array (no allocation)
 * ``numpy_ref``      -- ``softgrad._kernels._numpy.softmax``, our readable reference
 * ``cs231n``         -- ``e = exp(z - max); e / sum(e)`` in plain NumPy
 * ``scipy``          -- ``scipy.special.softmax``
@@ -14,7 +16,8 @@ For every shape ``(N, C)`` and dtype (float32, float64), in one process:
 ``loss+grad`` (mean cross-entropy over integer targets and its gradient w.r.t. the logits):
 
 * ``numba`` / ``numba_inplace`` -- ``cross_entropy_index`` writing the gradient to a buffer / over the logits
-* ``softgrad[numba]`` -- the public ``softgrad.softmax_cross_entropy``
+* ``softgrad[numba]`` -- the public ``softgrad.softmax_cross_entropy`` (fresh gradient array)
+* ``softgrad[numba]+out`` -- the same with ``grad_out=`` a preallocated array
 * ``numpy_ref``       -- ``softgrad._kernels._numpy.cross_entropy_index``
 * ``cs231n``          -- probabilities, ``-log p_y``, ``p - onehot``, all divided by N
 * ``scipy``           -- ``scipy.special.log_softmax`` based
@@ -75,7 +78,7 @@ QUICK_SHAPES = [(64, 1000), (8, 9001)]
 FULL_LINEAR = [(65536, 64, 1000)]  # (N, D, C)
 QUICK_LINEAR = [(512, 16, 10)]
 DTYPES = (np.float32, np.float64)
-OURS = {"numba", "numba_inplace", "softgrad[numba]", "numpy_ref"}
+OURS = {"numba", "numba_inplace", "softgrad[numba]", "softgrad[numba]+out", "numpy_ref"}
 # Untimed rounds over every implementation before the timed ones (the gate's call is
 # another untimed one).
 WARMUP = 1
@@ -123,9 +126,11 @@ def _exp_arith_ms(dtype, n_elements, threads, exp_block):
 # ----------------------------------------------------------------------------- softmax
 def _softmax_impls(x, peers):
     out = np.empty_like(x)
+    api_out = np.empty_like(x)
     impls = {
         "numba": lambda: (NB.softmax(x, out), out)[1],
         "softgrad[numba]": lambda: softgrad.softmax(x),
+        "softgrad[numba]+out": lambda: softgrad.softmax(x, out=api_out),
         "numpy_ref": lambda: (REF.softmax(x, out), out)[1],
     }
 
@@ -151,6 +156,7 @@ def _loss_grad_impls(x, y, peers):
     scale = np.full(N, 1.0 / N)
     loss_rows = np.empty(N)
     grad = np.empty_like(x)
+    api_grad = np.empty_like(x)
     work = x.copy()  # the in-place variant overwrites this with its gradient every call
 
     def ours(kernels, g):
@@ -163,6 +169,7 @@ def _loss_grad_impls(x, y, peers):
         "numba": ours(NB, grad),
         "numba_inplace": ours(NB, work),
         "softgrad[numba]": lambda: softgrad.softmax_cross_entropy(x, y),
+        "softgrad[numba]+out": lambda: softgrad.softmax_cross_entropy(x, y, grad_out=api_grad),
         "numpy_ref": ours(REF, grad),
     }
 
@@ -432,6 +439,12 @@ def _targets(rows):
         if impl != "numba" or op == "linear":
             continue
         entry = {"op": op, "shape": shape, "dtype": dtype, "x_copy": r.get("x_copy"), "x_exp": r.get("x_exp")}
+        # the public functions: <= 1.5x the copy with a fresh result, <= 1.3x with out=/grad_out=
+        api = by.get((op, shape, dtype, "softgrad[numba]"), {}).get("x_copy")
+        api_out = by.get((op, shape, dtype, "softgrad[numba]+out"), {}).get("x_copy")
+        entry["api_x_copy"], entry["api_out_x_copy"] = api, api_out
+        entry["api_le_1p5x_copy"] = None if api is None else api <= 1.5
+        entry["api_out_le_1p3x_copy"] = None if api_out is None else api_out <= 1.3
         if op == "softmax":
             entry["softmax_le_2x_copy"] = r.get("x_copy", math.inf) <= 2.0
         else:
@@ -480,17 +493,18 @@ def _chart(rows, path):
 
 _MD_COLUMNS = [("copy", "copy"), ("exp", "exp floor"), ("numba", "**numba kernel**"),
                ("numba_inplace", "numba in place"), ("softgrad[numba]", "`softgrad.*` API"),
+               ("softgrad[numba]+out", "`softgrad.*` API, `out=`"),
                ("numpy_ref", "NumPy reference"), ("cs231n", "CS231n NumPy"), ("scipy", "SciPy"),
                ("torch", "PyTorch"), ("sklearn", "scikit-learn")]
 
 
 def markdown(payload: dict) -> str:
-    """README tables (one per dtype) from a results payload: median ms, numba's ratio to the copy."""
+    """README tables (one per dtype) from a results payload: median ms, ours with the ratio to the copy."""
     rows = [r for r in payload["rows"] if "median_ms" in r and r["op"] != "linear"]
     lines = []
     for dtype in sorted({r["dtype"] for r in rows}, key=lambda d: d != "float32"):
         cols = [(k, h) for k, h in _MD_COLUMNS if any(r["impl"] == k and r["dtype"] == dtype for r in rows)]
-        lines += [f"{dtype}, median ms (numba: x copy time)", "",
+        lines += [f"{dtype}, median ms (kernels and `softgrad.*` API: x copy time)", "",
                   "| op | N x C | " + " | ".join(h for _, h in cols) + " |",
                   "|---|---|" + "---:|" * len(cols)]
         keys = []
@@ -505,7 +519,7 @@ def markdown(payload: dict) -> str:
                     cells.append("-")
                     continue
                 cell = f"{by[k]['median_ms']:.0f}" if by[k]["median_ms"] >= 10 else f"{by[k]['median_ms']:.1f}"
-                if k in ("numba", "numba_inplace") and "x_copy" in by[k]:
+                if k in ("numba", "numba_inplace", "softgrad[numba]", "softgrad[numba]+out") and "x_copy" in by[k]:
                     cell += f" ({by[k]['x_copy']:.2f}x)"
                 cells.append(cell)
             lines.append(f"| {op} | {shape.replace('x', ' x ')} | " + " | ".join(cells) + " |")

@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("numba")
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def test_cpu_kernel_benchmark_quick_mode_end_to_end():
@@ -26,8 +27,8 @@ def test_cpu_kernel_benchmark_quick_mode_end_to_end():
     assert written.with_suffix(".png").exists()
     timed = {(r["op"], r["impl"]) for r in payload["rows"] if "median_ms" in r}
     for op in ("softmax", "loss+grad"):
-        assert {(op, name) for name in ("numba", "softgrad[numba]", "numpy_ref", "cs231n", "copy", "exp",
-                                        "exp_arith")} <= timed
+        assert {(op, name) for name in ("numba", "softgrad[numba]", "softgrad[numba]+out", "numpy_ref", "cs231n",
+                                        "copy", "exp", "exp_arith")} <= timed
     assert ("loss+grad", "numba_inplace") in timed and ("linear", "numba") in timed
     peers = {name for _, name in timed}
     for module, name in (("scipy", "scipy"), ("torch", "torch"), ("sklearn", "sklearn")):
@@ -37,6 +38,11 @@ def test_cpu_kernel_benchmark_quick_mode_end_to_end():
     numba_rows = [r for r in payload["rows"] if r["impl"] == "numba" and r["op"] != "linear"]
     assert all(r["x_copy"] > 0 for r in numba_rows)
     assert {t["op"] for t in payload["targets"]} == {"softmax", "loss+grad"}
+    assert all(t["api_x_copy"] > 0 and t["api_out_x_copy"] > 0 for t in payload["targets"])
+    from bench_cpu_kernels import markdown  # noqa: E402 - the README table has the API columns
+
+    table = markdown(payload)
+    assert "`softgrad.*` API, `out=`" in table and "`softgrad.*` API |" in table
     assert payload["quick"] is True and len(payload["load_average_before"]) == 3
 
 

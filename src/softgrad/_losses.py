@@ -34,30 +34,46 @@ def _reduce(loss_rows: np.ndarray, reduction: str, denom: float, layout: _v.RowL
 
 
 def _cross_entropy_rows(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                        axis, with_grad):
-    """Validate, run the kernel, reduce. Returns ``(loss, grad rows or None, layout)``."""
+                        axis, with_grad, grad_out=None):
+    """Validate, run the kernel, reduce. Returns ``(loss, gradient or None, layout)``.
+
+    The gradient is ``grad_out`` itself when given (written directly when the layout allows,
+    see :meth:`softgrad._validation.RowLayout.rows_view`), else ``(N, C)`` rows. The logits'
+    values are checked by the kernel, in its one pass over them.
+    """
     opts = _rule.CrossEntropyOptions.checked(ignore_index=ignore_index, reduction=reduction,
                                              label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
-    rows, layout = _v.logits_rows(logits, axis)
+    rows, layout = _v.logits_rows(logits, axis, check_values=False)
     N, C = rows.shape
     kind, tgt = _v.class_target(target, layout, opts.ignore_index)
     opts.check_target_kind(kind == "probs")
     w = _v.class_weight(weight, C, rows.dtype)
+    view = None
+    if grad_out is not None:
+        _v.check_out(grad_out, layout.shape, layout.dtype, "grad_out",
+                     {"logits": logits, "target": target, "weight": weight})
+        view = layout.rows_view(grad_out)
     count, denom = _rule.denominators(tgt, w, ignore_index=opts.ignore_index, prob_target=kind == "probs",
                                       num_classes=C)
     kappa, zeta = _rule.reduction_factors(opts.reduction, count, denom)
     loss_rows = np.zeros(N, dtype=np.float64)
     lse = np.empty(N, dtype=np.float64)
-    grad = np.empty_like(rows) if with_grad else None
+    grad = (np.empty_like(rows) if view is None else view) if with_grad else None
     extra = dict(z_loss=opts.z_loss, z_scale=np.full(N, zeta), softcap=opts.softcap, lse_out=lse)
     k = _kernels()
     if kind == "index":
-        k.cross_entropy_index(rows, tgt, w, opts.ignore_index, opts.label_smoothing, np.full(N, kappa), loss_rows,
-                              grad, **extra)
+        n_bad = k.cross_entropy_index(rows, tgt, w, opts.ignore_index, opts.label_smoothing, np.full(N, kappa),
+                                      loss_rows, grad, **extra)
         valid = tgt != opts.ignore_index
     else:
-        k.cross_entropy_probs(rows, tgt, w, opts.label_smoothing, np.full(N, kappa), loss_rows, grad, **extra)
+        n_bad = k.cross_entropy_probs(rows, tgt, w, opts.label_smoothing, np.full(N, kappa), loss_rows, grad,
+                                      **extra)
         valid = None
+    _v.check_invalid_rows(n_bad, rows)
+    if grad_out is not None:
+        if view is None:
+            np.copyto(grad_out, layout.from_rows(grad))
+        grad = grad_out
     loss, _ = _rule.reduce_rows(loss_rows, _rule.z_loss_rows(lse, opts.z_loss, valid), opts.reduction, count, denom)
     loss = layout.from_batch(loss) if opts.reduction == "none" else layout.dtype.type(loss)
     return loss, grad, layout
@@ -135,7 +151,7 @@ def cross_entropy(logits: Any, target: Any, *, weight: Any = None, ignore_index:
 
 def softmax_cross_entropy(logits: Any, target: Any, *, weight: Any = None, ignore_index: int = -100,
                           reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
-                          softcap: float | None = None, axis: int = -1):
+                          softcap: float | None = None, axis: int = -1, grad_out: np.ndarray | None = None):
     r"""Cross-entropy and its gradient with respect to the logits, in one pass.
 
     The loss is exactly :func:`cross_entropy` with the same options. The gradient uses
@@ -159,16 +175,29 @@ def softmax_cross_entropy(logits: Any, target: Any, *, weight: Any = None, ignor
     per-row losses (each row's gradient unscaled). Ignored rows get a zero gradient;
     a mean over zero total weight gives a NaN loss and a zero gradient.
 
+    The logits' values are checked inside the kernel's pass (no separate validation pass).
+    With ``grad_out``, a float32/float64 gradient along the last axis is written straight
+    into it, so repeated calls allocate nothing of the logits' size; other layouts go
+    through a temporary. Argument errors are raised before ``grad_out`` is written; a
+    ``ValueError`` about the logits' values (NaN, ``+inf``, an all ``-inf`` slice) is found
+    during the pass and leaves ``grad_out`` holding unspecified values.
+
     Args:
         logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, axis:
             as :func:`cross_entropy`.
+        grad_out: optional buffer for the gradient: a writeable, C-contiguous ndarray of the
+            logits' shape and dtype that shares no memory with ``logits``, ``target`` or
+            ``weight`` (the gradient does not overwrite the logits here: a value error found
+            mid-pass would leave them destroyed).
 
     Returns:
         ``(loss, grad_logits)``: the loss as :func:`cross_entropy` returns it, and the
-        gradient with the logits' shape and dtype.
+        gradient with the logits' shape and dtype (``grad_out`` when given).
 
     Raises:
-        TypeError, ValueError: as :func:`cross_entropy`.
+        TypeError: as :func:`cross_entropy`; ``grad_out`` not an ndarray of the logits' dtype.
+        ValueError: as :func:`cross_entropy`; ``grad_out`` of the wrong shape, not
+            C-contiguous, read-only, or sharing memory with an input.
 
     Examples:
         >>> loss, grad = softmax_cross_entropy([[0.0, 0.0]], [1])
@@ -176,8 +205,8 @@ def softmax_cross_entropy(logits: Any, target: Any, *, weight: Any = None, ignor
         array([[ 0.5, -0.5]])
     """
     loss, grad, layout = _cross_entropy_rows(logits, target, weight, ignore_index, reduction, label_smoothing,
-                                             z_loss, softcap, axis, with_grad=True)
-    return loss, layout.from_rows(grad)
+                                             z_loss, softcap, axis, with_grad=True, grad_out=grad_out)
+    return loss, grad if grad_out is not None else layout.from_rows(grad)
 
 
 def cross_entropy_from_probs(probs: Any, target: Any, *, reduction: str = "mean",
@@ -281,7 +310,7 @@ def softmax_mse(logits: Any, target: Any, *, axis: int = -1):
         >>> grad.round(8)
         array([-0.00969502, -0.01434905,  0.0496989 , -0.01595981, -0.00969502])
     """
-    rows, layout = _v.logits_rows(logits, axis)
+    rows, layout = _v.logits_rows(logits, axis, check_values=False)
     N, C = rows.shape
     kind, tgt = _v.class_target(target, layout, None)
     if kind == "index":
@@ -291,7 +320,7 @@ def softmax_mse(logits: Any, target: Any, *, axis: int = -1):
         y = tgt
     k = _kernels()
     a = np.empty_like(rows)
-    k.softmax(rows, a)
+    _v.check_invalid_rows(k.softmax(rows, a), rows)
     diff = a.astype(np.float64) - y
     M = float(N * C)
     loss = layout.dtype.type((diff * diff).sum() / M)

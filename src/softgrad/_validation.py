@@ -25,6 +25,9 @@ import numpy as np
 
 from softgrad._cross_entropy_rule import REDUCTIONS as _REDUCTIONS
 
+# numpy.exceptions arrived in NumPy 1.25; the floor is 1.24.
+_TOO_HARD = getattr(getattr(np, "exceptions", np), "TooHardError", Exception)
+
 
 def as_float_array(x: Any, name: str, *, allow_neg_inf: bool = False,
                    check_values: bool = True) -> np.ndarray:
@@ -144,27 +147,182 @@ class RowLayout:
         """An ``(N,)`` per-row array reshaped to ``batch_shape`` in the caller's dtype."""
         return values.reshape(self.batch_shape).astype(self.dtype)
 
+    @property
+    def axes(self) -> tuple[int, ...]:
+        """The reduced axes, as :class:`AxesLayout` has them."""
+        return (self.axis,)
 
-def logits_rows(logits: Any, axis: Any, name: str = "logits") -> tuple[np.ndarray, RowLayout]:
-    """Validate logits and return them as kernel-ready ``(N, C)`` rows plus the layout.
+    def rows_view(self, out: np.ndarray) -> np.ndarray | None:
+        """``out`` (of ``shape``) as ``(N, C)`` rows the kernels can write, or None if that needs a copy.
+
+        A view exists when the class axis is already last and ``out`` is C-contiguous in the
+        compute dtype; otherwise the result goes through a temporary.
+        """
+        if (self.axis != len(self.shape) - 1 or out.dtype != self.compute_dtype
+                or not out.flags.c_contiguous):
+            return None
+        return out.reshape(-1, self.num_classes)
+
+
+@dataclass(frozen=True)
+class AxesLayout:
+    """:class:`RowLayout` for several reduced axes (``axis`` a tuple, or None for all of them).
+
+    ``to_rows`` moves ``axes`` (in the caller's order, sorted) to the end and flattens them
+    into the row of ``C = prod(shape[a] for a in axes)`` entries, the other axes into ``N``.
+    With ``axes == ()`` every element is its own slice (``C = 1``).
+    """
+
+    shape: tuple[int, ...]
+    axes: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def _order(self) -> tuple[int, ...]:
+        return tuple(a for a in range(len(self.shape)) if a not in self.axes) + self.axes
+
+    @property
+    def num_classes(self) -> int:
+        return int(np.prod([self.shape[a] for a in self.axes], dtype=np.int64))
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return tuple(n for a, n in enumerate(self.shape) if a not in self.axes)
+
+    @property
+    def compute_dtype(self) -> np.dtype:
+        return compute_dtype(self.dtype)
+
+    def to_rows(self, x: np.ndarray, dtype: np.dtype | None = None) -> np.ndarray:
+        dtype = self.compute_dtype if dtype is None else dtype
+        moved = np.transpose(x, self._order)
+        return np.ascontiguousarray(moved.reshape(-1, self.num_classes), dtype=dtype)
+
+    def from_rows(self, rows: np.ndarray) -> np.ndarray:
+        moved_shape = tuple(self.shape[a] for a in self._order)
+        out = np.transpose(rows.reshape(moved_shape), np.argsort(self._order))
+        return np.ascontiguousarray(out, dtype=self.dtype)
+
+    def from_batch(self, values: np.ndarray) -> np.ndarray:
+        return values.reshape(self.batch_shape).astype(self.dtype)
+
+    def rows_view(self, out: np.ndarray) -> np.ndarray | None:
+        if (self._order != tuple(range(len(self.shape))) or out.dtype != self.compute_dtype
+                or not out.flags.c_contiguous):
+            return None
+        return out.reshape(-1, self.num_classes)
+
+
+def normalize_axes(axis: Any, ndim: int, name: str = "axis") -> int | tuple[int, ...]:
+    """An int ``axis`` as :func:`normalize_axis` returns it; None or a tuple as sorted non-negative ints.
 
     Raises:
-        TypeError: non-floating logits or a non-int ``axis``.
-        ValueError: NaN/+inf, scalar input, bad ``axis``, an empty array (no rows or
-            no classes), or a slice along ``axis`` that is entirely ``-inf``.
+        TypeError: ``axis`` is neither None, an int nor a tuple of ints.
+        ValueError: an axis out of range, or one given twice.
+
+    >>> normalize_axes((-1, 0), 3), normalize_axes(None, 2)
+    ((0, 2), (0, 1))
+    """
+    if axis is None:
+        return tuple(range(ndim))
+    if not isinstance(axis, tuple):
+        return normalize_axis(axis, ndim, name)
+    for a in axis:
+        if isinstance(a, bool) or not isinstance(a, numbers.Integral):
+            raise TypeError(f"{name} must be an int, a tuple of ints or None, got {axis!r}")
+        if not -ndim <= a < ndim:
+            raise ValueError(f"{name}={axis} is out of range for an array with {ndim} dimensions")
+    axes = tuple(sorted(int(a) % ndim for a in axis))
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"{name}={axis} names an axis more than once")
+    return axes
+
+
+def layout_for(arr: np.ndarray, axis: Any, name: str = "axis") -> RowLayout | AxesLayout:
+    """The layout of ``arr`` reduced along ``axis`` (an int, a tuple of ints, or None for every axis)."""
+    ax = normalize_axes(axis, arr.ndim, name)
+    if isinstance(ax, tuple):
+        return AxesLayout(arr.shape, ax, arr.dtype)
+    return RowLayout(arr.shape, ax, arr.dtype)
+
+
+def logits_rows(logits: Any, axis: Any, name: str = "logits", *, check_values: bool = True,
+                axes_ok: bool = False) -> tuple[np.ndarray, RowLayout | AxesLayout]:
+    """Validate logits and return them as kernel-ready ``(N, C)`` rows plus the layout.
+
+    ``axis`` is an int (a :class:`RowLayout`), or, with ``axes_ok``, also a tuple of ints
+    or None (an :class:`AxesLayout`: the slices span those axes). With ``check_values=False`` the values
+    are left to the kernel, which counts the invalid rows in its own pass over them; the
+    caller then passes that count to :func:`check_invalid_rows`.
+
+    Raises:
+        TypeError: non-floating logits or a bad ``axis`` type.
+        ValueError: NaN/+inf, scalar input with an int ``axis``, bad ``axis``, an empty
+            array (no rows or no classes), or a slice along ``axis`` that is entirely ``-inf``.
 
     >>> rows, layout = logits_rows(np.zeros((2, 3, 4)), axis=1)
     >>> rows.shape, layout.batch_shape
     ((8, 3), (2, 4))
     """
     arr = as_float_array(logits, name, check_values=False)
-    ax = normalize_axis(axis, arr.ndim)
+    layout = layout_for(arr, axis) if axes_ok else RowLayout(arr.shape, normalize_axis(axis, arr.ndim), arr.dtype)
     if arr.size == 0:
         raise ValueError(f"{name} is empty (shape {arr.shape}); need at least one row and one class")
-    layout = RowLayout(arr.shape, ax, arr.dtype)
     rows = layout.to_rows(arr)
-    check_logit_rows(rows, name)
+    if check_values:
+        check_logit_rows(rows, name)
     return rows, layout
+
+
+def check_invalid_rows(n_bad: int, rows: np.ndarray, name: str = "logits") -> None:
+    """Raise the :func:`check_logit_rows` error for rows a kernel counted as invalid.
+
+    ``n_bad`` is a logits kernel's return value. Zero costs nothing; otherwise the exact
+    checks run on ``rows`` (the kernel's input, unchanged) to name the problem, so the
+    messages are those of a separate validation pass.
+    """
+    if n_bad:
+        check_logit_rows(rows, name)
+        raise RuntimeError(f"internal error: the kernel counted {n_bad} invalid row(s) of {name} "
+                           f"that the exact checks do not find")
+
+
+def check_out(out: Any, shape: tuple[int, ...], dtype: np.dtype, name: str, inputs: dict[str, Any]) -> np.ndarray:
+    """Validate a caller's output buffer before anything is written to it.
+
+    ``out`` must be a writeable, C-contiguous ndarray of exactly ``shape`` and ``dtype``
+    (the result's: no casting) that shares no memory with any of ``inputs`` (``name ->
+    array-like``): an overlap would let the pass overwrite an input it still reads, and an
+    error found during the pass would leave that input changed.
+
+    Raises:
+        TypeError: ``out`` is not an ndarray, or has another dtype.
+        ValueError: wrong shape, not C-contiguous, read-only, or overlapping an input.
+    """
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy ndarray, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype)} (the result's dtype), got {out.dtype}")
+    if out.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {out.shape}")
+    if not out.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    for other, x in inputs.items():
+        if isinstance(x, np.ndarray) and _overlaps(out, x):
+            raise ValueError(f"{name} shares memory with {other}; pass a separate array "
+                             f"(in-place results are not supported)")
+    return out
+
+
+def _overlaps(a: np.ndarray, b: np.ndarray) -> bool:
+    if not np.may_share_memory(a, b):
+        return False
+    try:
+        return bool(np.shares_memory(a, b, max_work=10_000))
+    except _TOO_HARD:
+        return True  # cannot tell cheaply: treat as overlapping
 
 
 def check_logit_rows(rows: np.ndarray, name: str) -> None:

@@ -1,10 +1,13 @@
 """Reference kernels in NumPy: the readable specification of every row-wise kernel.
 
-Contract (``docs/ARCHITECTURE.md``): inputs are validated, 2-D ``(N, C)``,
-C-contiguous, float32 or float64, rows reduced along the last axis, no row entirely
-``-inf``, targets in range. Results go into the ``out`` arrays given. Work is done in
-blocks of rows, so no temporary of size ``(N, C)`` is allocated; per-row sums
-accumulate in float64.
+Contract (``docs/ARCHITECTURE.md``): arguments are validated, 2-D ``(N, C)``,
+C-contiguous, float32 or float64, rows reduced along the last axis, targets in range.
+The logits' values are not: every kernel returns the number of invalid rows (a NaN, a
+``+inf``, or every entry ``-inf``), found from the row maximum it computes anyway, and
+writes NaN to those rows' outputs; the public functions raise on a nonzero count.
+Inputs are only read (they may be read-only or memory-mapped). Results go into the
+``out`` arrays given. Work is done in blocks of rows, so no temporary of size
+``(N, C)`` is allocated; per-row sums accumulate in float64.
 
 Shared primitive: for a row ``z`` with ``m = max_k z_k``,
 
@@ -35,45 +38,61 @@ def _row_blocks(n_rows: int, n_cols: int) -> Iterator[slice]:
         yield slice(start, min(start + step, n_rows))
 
 
-def _shift(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For a block ``z (n, C)``: the shifted logits ``z - m`` and ``log s``, in float64."""
+def _bad_rows(m: np.ndarray) -> np.ndarray:
+    """Rows whose maximum ``m`` is not finite: NaN (``max`` propagates it), ``+inf``, or ``-inf`` (all ``-inf``)."""
+    return ~np.isfinite(m)
+
+
+def _shift(z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For a block ``z (n, C)``: the shifted logits ``z - m``, ``log s`` (float64) and the invalid rows."""
     z = z.astype(np.float64)
-    shifted = z - z.max(axis=1, keepdims=True)
-    # exp(shifted) <= 1 everywhere; -inf entries contribute exp(-inf) = 0.
-    log_s = np.log(np.exp(shifted).sum(axis=1))
-    return shifted, log_s
+    m = z.max(axis=1, keepdims=True)
+    bad = _bad_rows(m[:, 0])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shifted = z - m
+        # exp(shifted) <= 1 everywhere; -inf entries contribute exp(-inf) = 0.
+        log_s = np.log(np.exp(shifted).sum(axis=1))
+    return shifted, log_s, bad
 
 
-def _lse(z: np.ndarray) -> np.ndarray:
-    """Row-wise log-sum-exp of a block ``z (n, C)`` as float64 ``(n,)``."""
-    return z.max(axis=1).astype(np.float64) + _shift(z)[1]
-
-
-def logsumexp(logits: np.ndarray, out: np.ndarray) -> None:
-    """``out[i] = log(sum_k exp(logits[i, k]))``; ``out (N,)`` of the logits' dtype."""
+def logsumexp(logits: np.ndarray, out: np.ndarray) -> int:
+    """``out[i] = log(sum_k exp(logits[i, k]))``; ``out (N,)`` of the logits' dtype. Returns the invalid rows' count."""
     N, C = logits.shape
+    n_bad = 0
     for b in _row_blocks(N, C):
-        out[b] = _lse(logits[b])
+        z = logits[b]
+        shifted, log_s, bad = _shift(z)
+        out[b] = np.where(bad, np.nan, z.max(axis=1).astype(np.float64) + log_s)
+        n_bad += int(bad.sum())
+    return n_bad
 
 
-def softmax(logits: np.ndarray, out: np.ndarray) -> None:
-    """``out[i, k] = exp(logits[i, k] - lse_i)``."""
+def softmax(logits: np.ndarray, out: np.ndarray) -> int:
+    """``out[i, k] = exp(logits[i, k] - lse_i)``. Returns the invalid rows' count."""
     N, C = logits.shape
+    n_bad = 0
     for b in _row_blocks(N, C):
-        shifted, log_s = _shift(logits[b])
-        e = np.exp(shifted)
-        out[b] = e / e.sum(axis=1, keepdims=True)
+        shifted, log_s, bad = _shift(logits[b])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            e = np.exp(shifted)
+            out[b] = np.where(bad[:, None], np.nan, e / e.sum(axis=1, keepdims=True))
+        n_bad += int(bad.sum())
+    return n_bad
 
 
-def log_softmax(logits: np.ndarray, out: np.ndarray) -> None:
-    """``out[i, k] = logits[i, k] - lse_i``."""
+def log_softmax(logits: np.ndarray, out: np.ndarray) -> int:
+    """``out[i, k] = logits[i, k] - lse_i``. Returns the invalid rows' count."""
     N, C = logits.shape
+    n_bad = 0
     for b in _row_blocks(N, C):
-        shifted, log_s = _shift(logits[b])
-        out[b] = shifted - log_s[:, None]
+        shifted, log_s, bad = _shift(logits[b])
+        with np.errstate(invalid="ignore"):
+            out[b] = np.where(bad[:, None], np.nan, shifted - log_s[:, None])
+        n_bad += int(bad.sum())
+    return n_bad
 
 
-def softmax_backward(grad_probs: np.ndarray, probs: np.ndarray, out: np.ndarray) -> None:
+def softmax_backward(grad_probs: np.ndarray, probs: np.ndarray, out: np.ndarray) -> int:
     """Vector-Jacobian product of softmax: ``out = (g - <g, a>) * a`` per row.
 
     Derivation: with ``a = softmax(z)``, ``da_j/dz_k = a_j (delta_jk - a_k)``, so for an
@@ -82,14 +101,20 @@ def softmax_backward(grad_probs: np.ndarray, probs: np.ndarray, out: np.ndarray)
         dL/dz_k = sum_j g_j a_j (delta_jk - a_k) = a_k g_k - a_k sum_j g_j a_j
                 = a_k (g_k - <g, a>),
 
-    which never forms the ``C x C`` Jacobian.
+    which never forms the ``C x C`` Jacobian. Returns the number of rows whose ``<g, a>``
+    is not finite: every row with a NaN or an infinity in ``g`` or ``a`` (a non-finite term,
+    ``0 * inf`` included, keeps the sum non-finite), and rows whose finite products overflow.
     """
     N, C = probs.shape
+    n_bad = 0
     for b in _row_blocks(N, C):
         g = grad_probs[b].astype(np.float64)
         a = probs[b].astype(np.float64)
-        dot = np.einsum("ij,ij->i", g, a)
-        out[b] = (g - dot[:, None]) * a
+        with np.errstate(invalid="ignore", over="ignore"):
+            dot = np.einsum("ij,ij->i", g, a)
+            out[b] = (g - dot[:, None]) * a
+        n_bad += int((~np.isfinite(dot)).sum())
+    return n_bad
 
 
 def _scores(z: np.ndarray, softcap: float | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -112,7 +137,7 @@ def _z_scale(grad_scale: np.ndarray, z_scale: np.ndarray | None) -> np.ndarray:
 
 
 def cross_entropy_index(logits, target, weight, ignore_index, label_smoothing, grad_scale, loss_out, grad_out,
-                        *, z_loss=0.0, z_scale=None, softcap=None, lse_out=None) -> None:
+                        *, z_loss=0.0, z_scale=None, softcap=None, lse_out=None) -> int:
     """Cross-entropy per row for integer targets: the rule of :mod:`softgrad._cross_entropy_rule`.
 
     With scores ``s`` (softcapped logits), ``p = log_softmax(s)``, smoothing ``eps``, weights
@@ -123,7 +148,8 @@ def cross_entropy_index(logits, target, weight, ignore_index, label_smoothing, g
     without the z-loss (the caller adds ``z_loss * lse^2``; ``lse_out``, if given, receives
     ``lse``). ``grad_out`` (optional, may alias ``logits``) receives the gradient of
     ``grad_scale[i] * loss_out[i] + z_scale[i] * z_loss * lse_i^2`` (``z_scale`` defaults to
-    ``grad_scale``); ignored rows get 0.
+    ``grad_scale``); ignored rows get 0. Returns the number of invalid rows (judged on the
+    raw logits, ignored rows included), whose loss, lse and gradient are NaN.
     """
     N, C = logits.shape
     eps = float(label_smoothing)
@@ -131,36 +157,41 @@ def cross_entropy_index(logits, target, weight, ignore_index, label_smoothing, g
     u = np.ones((1, C)) if w is None else w[None, :]
     mass_value = float(u.sum())
     zeta_all = _z_scale(grad_scale, z_scale)
+    n_bad = 0
     for b in _row_blocks(N, C):
-        s, th = _scores(logits[b], softcap)
-        n = s.shape[0]
-        m = s.max(axis=1)
-        shifted = s - m[:, None]
-        log_d = np.log(np.exp(shifted).sum(axis=1))
-        y = target[b]
-        valid = y != ignore_index
-        y_safe = np.where(valid, y, 0)
-        w_y = np.ones(n) if w is None else w[y_safe]
-        mass = np.full(n, mass_value)
-        dot = _masked_dot(u, shifted) if eps > 0.0 else None
-        with np.errstate(invalid="ignore"):
+        bad = _bad_rows(logits[b].max(axis=1))
+        n_bad += int(bad.sum())
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            s, th = _scores(logits[b], softcap)
+            n = s.shape[0]
+            m = s.max(axis=1)
+            shifted = s - m[:, None]
+            log_d = np.log(np.exp(shifted).sum(axis=1))
+            y = target[b]
+            valid = y != ignore_index
+            y_safe = np.where(valid, y, 0)
+            w_y = np.ones(n) if w is None else w[y_safe]
+            mass = np.full(n, mass_value)
+            dot = _masked_dot(u, shifted) if eps > 0.0 else None
             ce = _rule.row_loss(m, log_d, dot=dot, mass=mass, s_y=s[np.arange(n), y_safe], w_y=w_y,
                                 prob_target=False, label_smoothing=eps, num_classes=C)
-        loss_out[b] = np.where(valid, ce, 0.0)
-        lse = m + log_d
-        if lse_out is not None:
-            lse_out[b] = lse
-        if grad_out is None:
-            continue
-        alpha, beta, gamma = _rule.grad_coefficients(
-            lse, grad_scale[b], zeta_all[b], w_y=w_y, mass=mass, valid=valid, prob_target=False,
-            label_smoothing=eps, z_loss=float(z_loss), num_classes=C)
-        a = np.exp(shifted - log_d[:, None])
-        grad_out[b] = _rule.gradient(a, y_safe, u, alpha, beta, gamma, th, prob_target=False, need_u=eps > 0.0)
+            loss_out[b] = np.where(bad, np.nan, np.where(valid, ce, 0.0))
+            lse = m + log_d
+            if lse_out is not None:
+                lse_out[b] = np.where(bad, np.nan, lse)
+            if grad_out is None:
+                continue
+            alpha, beta, gamma = _rule.grad_coefficients(
+                lse, grad_scale[b], zeta_all[b], w_y=w_y, mass=mass, valid=valid, prob_target=False,
+                label_smoothing=eps, z_loss=float(z_loss), num_classes=C)
+            a = np.exp(shifted - log_d[:, None])
+            grad = _rule.gradient(a, y_safe, u, alpha, beta, gamma, th, prob_target=False, need_u=eps > 0.0)
+            grad_out[b] = np.where(bad[:, None], np.nan, grad)
+    return n_bad
 
 
 def cross_entropy_probs(logits, target, weight, label_smoothing, grad_scale, loss_out, grad_out,
-                        *, z_loss=0.0, z_scale=None, softcap=None, lse_out=None) -> None:
+                        *, z_loss=0.0, z_scale=None, softcap=None, lse_out=None) -> int:
     """Cross-entropy per row for class-probability targets: the rule of :mod:`softgrad._cross_entropy_rule`.
 
     With scores ``s``, ``p = log_softmax(s)`` and ``u_c = w_c ((1 - eps) t_c + eps / C)``::
@@ -168,31 +199,38 @@ def cross_entropy_probs(logits, target, weight, label_smoothing, grad_scale, los
         loss_out[i] = -sum_c u_c p_c
 
     (a term with ``u_c = 0`` counts 0 even where ``p_c = -inf``). ``lse_out``, ``grad_out``,
-    ``grad_scale``, ``z_loss`` and ``z_scale`` as :func:`cross_entropy_index`.
+    ``grad_scale``, ``z_loss`` and ``z_scale`` as :func:`cross_entropy_index`; so is the
+    returned count of invalid rows.
     """
     N, C = logits.shape
     eps = float(label_smoothing)
     w = None if weight is None else weight.astype(np.float64)
     zeta_all = _z_scale(grad_scale, z_scale)
+    n_bad = 0
     for b in _row_blocks(N, C):
-        s, th = _scores(logits[b], softcap)
-        m = s.max(axis=1)
-        shifted = s - m[:, None]
-        log_d = np.log(np.exp(shifted).sum(axis=1))
-        u = (1.0 - eps) * target[b].astype(np.float64) + eps / C
-        if w is not None:
-            u = u * w[None, :]
-        mass = u.sum(axis=1)
-        ce = _rule.row_loss(m, log_d, dot=_masked_dot(u, shifted), mass=mass, prob_target=True,
-                            label_smoothing=eps, num_classes=C)
-        loss_out[b] = ce
-        lse = m + log_d
-        if lse_out is not None:
-            lse_out[b] = lse
-        if grad_out is None:
-            continue
-        alpha, beta, gamma = _rule.grad_coefficients(
-            lse, grad_scale[b], zeta_all[b], mass=mass, prob_target=True, label_smoothing=eps,
-            z_loss=float(z_loss), num_classes=C)
-        a = np.exp(shifted - log_d[:, None])
-        grad_out[b] = _rule.gradient(a, None, u, alpha, beta, gamma, th, prob_target=True, need_u=True)
+        bad = _bad_rows(logits[b].max(axis=1))
+        n_bad += int(bad.sum())
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            s, th = _scores(logits[b], softcap)
+            m = s.max(axis=1)
+            shifted = s - m[:, None]
+            log_d = np.log(np.exp(shifted).sum(axis=1))
+            u = (1.0 - eps) * target[b].astype(np.float64) + eps / C
+            if w is not None:
+                u = u * w[None, :]
+            mass = u.sum(axis=1)
+            ce = _rule.row_loss(m, log_d, dot=_masked_dot(u, shifted), mass=mass, prob_target=True,
+                                label_smoothing=eps, num_classes=C)
+            loss_out[b] = np.where(bad, np.nan, ce)
+            lse = m + log_d
+            if lse_out is not None:
+                lse_out[b] = np.where(bad, np.nan, lse)
+            if grad_out is None:
+                continue
+            alpha, beta, gamma = _rule.grad_coefficients(
+                lse, grad_scale[b], zeta_all[b], mass=mass, prob_target=True, label_smoothing=eps,
+                z_loss=float(z_loss), num_classes=C)
+            a = np.exp(shifted - log_d[:, None])
+            grad = _rule.gradient(a, None, u, alpha, beta, gamma, th, prob_target=True, need_u=True)
+            grad_out[b] = np.where(bad[:, None], np.nan, grad)
+    return n_bad
