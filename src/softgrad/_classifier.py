@@ -57,6 +57,9 @@ _MIXED_MIN_WORK = 1 << 23
 _SERIAL_MAX_WORK = 1 << 22
 # relative objective decrease at which L-BFGS-B stops (as scikit-learn sets it)
 _FTOL = 64 * np.finfo(np.float64).eps
+# options of the gd/sgd solvers and of precision, for estimators whose parameters lack them
+_SOLVER_DEFAULTS = {"learning_rate": "auto", "schedule": "constant", "batch_size": 200, "shuffle": True,
+                    "n_iter_no_change": 5, "precision": "auto", "callback": None}
 # sgd with schedule="adaptive" stops after dividing the step by 5 five times (5**-5 = 3.2e-4)
 _ADAPTIVE_FLOOR = 1.5 * 5.0 ** -5
 
@@ -67,18 +70,14 @@ class _LinearClassifier(ClassifierMixin, BaseEstimator):
     A subclass supplies its constructor and parameters, :meth:`_alpha` (the L2 strength of
     the mean objective, from the summed weights) and ``_binary_logit`` (whether two classes
     are fitted as one logistic logit, ``coef_`` ``(1, D)``, instead of two softmax rows).
-    Options a subclass does not expose take the defaults below.
+    Solver options a subclass does not expose take ``_SOLVER_DEFAULTS``.
     """
 
-    # gd/sgd options; SoftmaxClassifier sets its own in __init__
-    learning_rate = "auto"
-    schedule = "constant"
-    batch_size = 200
-    shuffle = True
-    n_iter_no_change = 5
-    precision = "auto"
-    callback = None
     _binary_logit = False
+
+    def _option(self, name):
+        """A solver option: the parameter if the estimator has it, else SoftmaxClassifier's default."""
+        return getattr(self, name) if name in self._get_param_names() else _SOLVER_DEFAULTS[name]
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -116,7 +115,7 @@ class _LinearClassifier(ClassifierMixin, BaseEstimator):
         rows = 1 if binary else C
         W, b = self._initial_weights(classes, D, rows)
         work = _work_per_row(X) * rows  # multiply-adds per evaluation, per row of the batch
-        precision = self.precision
+        precision = self._option("precision")
         if precision == "auto":
             # float32 data is fitted in float32 first at no cost; float64 sparse data would
             # need a float32 copy of its values for little gain (its products are bound by
@@ -126,7 +125,7 @@ class _LinearClassifier(ClassifierMixin, BaseEstimator):
                          else "float64")
 
         self._curve: list[float] = []
-        batch = min(self.batch_size, N) if self.solver == "sgd" else N
+        batch = min(self._option("batch_size"), N) if self.solver == "sgd" else N
         problem = _Problem(X, target, row_scale, alpha, binary)
         with _thread_limit(batch * work):
             if self.solver == "lbfgs":
@@ -196,8 +195,8 @@ class _LinearClassifier(ClassifierMixin, BaseEstimator):
         if self.verbose:
             print(f"{type(self).__name__}[{self.solver}] iteration {n}: objective {objective:.8f}",
                   file=sys.stdout)
-        if self.callback is not None:
-            self.callback(n, float(objective))
+        if self._option("callback") is not None:
+            self._option("callback")(n, float(objective))
 
     # ---------------------------------------------------------------- lbfgs
     def _fit_lbfgs(self, problem, X32, W, b):
@@ -233,15 +232,15 @@ class _LinearClassifier(ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------- gd
     def _step_size(self, X, row_scale, alpha, fit_intercept):
-        if self.learning_rate == "auto":
+        if self._option("learning_rate") == "auto":
             return 1.0 / _linear_model.lipschitz_bound(X, row_scale, alpha, fit_intercept)
-        return float(self.learning_rate)
+        return float(self._option("learning_rate"))
 
     def _scheduled(self, eta0, eta, t, objective, previous):
         """Step for iteration/epoch ``t + 1`` given the objective of ``t`` and ``t - 1``."""
-        if self.schedule == "invscaling":
+        if self._option("schedule") == "invscaling":
             return eta0 / math.sqrt(t + 2)
-        if self.schedule == "adaptive" and objective >= previous:
+        if self._option("schedule") == "adaptive" and objective >= previous:
             return 0.5 * eta
         return eta
 
@@ -279,7 +278,7 @@ class _LinearClassifier(ClassifierMixin, BaseEstimator):
         X, target, row_scale, alpha, binary = problem
         N, D = X.shape
         rows = W.shape[0]
-        B = min(self.batch_size, N)
+        B = min(self._option("batch_size"), N)
         rng = check_random_state(self.random_state)
         eta0 = eta = self._step_size(X, row_scale, alpha, b is not None)
         sparse = _linear_model.is_sparse(X)
@@ -298,7 +297,7 @@ class _LinearClassifier(ClassifierMixin, BaseEstimator):
         previous = math.inf
         converged = False
         for epoch in range(self.max_iter):
-            if self.shuffle:
+            if self._option("shuffle"):
                 rng.shuffle(order)
             epoch_objective = 0.0
             for start in range(0, N, B):
@@ -326,11 +325,11 @@ class _LinearClassifier(ClassifierMixin, BaseEstimator):
             else:
                 stall = 0
             best = min(best, epoch_objective)
-            if self.schedule == "invscaling":
+            if self._option("schedule") == "invscaling":
                 eta = self._scheduled(eta0, eta, epoch, epoch_objective, previous)
             previous = epoch_objective
-            if stall >= self.n_iter_no_change:
-                if self.schedule == "adaptive" and eta > eta0 * _ADAPTIVE_FLOOR:
+            if stall >= self._option("n_iter_no_change"):
+                if self._option("schedule") == "adaptive" and eta > eta0 * _ADAPTIVE_FLOOR:
                     eta /= 5.0
                     stall = 0
                     continue
@@ -835,7 +834,8 @@ def _class_weights(class_weight, classes, target, sample_weight):
     bad = ~np.isfinite(weights) | (weights < 0)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"class_weight of class {classes[i]!r} is {weights[i]}; class weights must be "
+        label = classes.tolist()[i]
+        raise ValueError(f"class_weight of class {label!r} is {weights[i]}; class weights must be "
                          "finite and >= 0")
     return weights
 
