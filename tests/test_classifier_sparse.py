@@ -128,7 +128,9 @@ def test_float32_fit_makes_no_float64_copy_of_X(rng):
     X = rng.normal(size=(N, D)).astype(np.float32)
     y = rng.integers(0, C, size=N)
     # a first fit compiles and imports (allocations that are not the fit's own)
-    SoftmaxClassifier(max_iter=2).fit(X[:50], y[:50])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        SoftmaxClassifier(max_iter=2).fit(X[:50], y[:50])
     for precision in ("float64", "mixed"):
         clf = SoftmaxClassifier(alpha=1e-2, max_iter=5, precision=precision)
         tracemalloc.start()
