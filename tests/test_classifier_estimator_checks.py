@@ -1,4 +1,4 @@
-"""scikit-learn's own estimator test suite on SoftmaxClassifier, for each solver, with no checks skipped.
+"""scikit-learn's own estimator test suite on SoftmaxClassifier (each solver) and LogisticRegression, no checks skipped.
 
 The checks come from ``estimator_checks_generator`` (what ``parametrize_with_checks``
 uses), with no expected failures. ``check_array_api_input`` runs in a subprocess with
@@ -15,13 +15,15 @@ import sys
 import pytest
 from sklearn.utils.estimator_checks import estimator_checks_generator
 
-from softgrad import SoftmaxClassifier
+from softgrad import LogisticRegression, SoftmaxClassifier
 
 
 ESTIMATORS = [
     SoftmaxClassifier(),
     SoftmaxClassifier(solver="gd", max_iter=100),
     SoftmaxClassifier(solver="sgd", random_state=0, max_iter=20),
+    LogisticRegression(),
+    LogisticRegression(solver="gd", max_iter=100),
 ]
 # check_array_api_input skips itself unless SCIPY_ARRAY_API=1 was set before SciPy was
 # imported; it runs in a subprocess below instead, so nothing here is skipped.
@@ -52,9 +54,9 @@ def test_array_api_check_with_scipy_array_api_enabled():
     code = (
         "import warnings; warnings.simplefilter('ignore')\n"
         "from sklearn.utils.estimator_checks import check_array_api_input\n"
-        "from softgrad import SoftmaxClassifier\n"
+        "from softgrad import LogisticRegression, SoftmaxClassifier\n"
         "for est in (SoftmaxClassifier(), SoftmaxClassifier(solver='gd', max_iter=100),\n"
-        "            SoftmaxClassifier(solver='sgd', random_state=0, max_iter=20)):\n"
+        "            SoftmaxClassifier(solver='sgd', random_state=0, max_iter=20), LogisticRegression()):\n"
         "    check_array_api_input('SoftmaxClassifier', est, array_namespace='numpy')\n"
         "print('passed')\n"
     )

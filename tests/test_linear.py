@@ -335,3 +335,85 @@ def test_layer_bad_input(args, exc, match):
 def test_layer_bad_label(y, exc, match):
     with pytest.raises(exc, match=match):
         softgrad.softmax_layer_cross_entropy_grad(np.zeros((2, 3)), np.zeros(3), y)
+
+
+# ---------------------------------------------------------------- sparse X and sample_weight
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc", "coo"])
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("loss_fn", LOSSES, ids=LOSS_IDS)
+def test_sparse_X_equals_dense(backend, rng, fmt, index_dtype, loss_fn):
+    import scipy.sparse as sp
+
+    W, X, y, b = _data(rng, 40, 12, 5)
+    X[rng.uniform(size=X.shape) < 0.7] = 0.0
+    Xs = sp.csr_matrix(X).asformat(fmt)
+    for name in ("indices", "indptr", "row", "col"):
+        if hasattr(Xs, name):
+            setattr(Xs, name, getattr(Xs, name).astype(index_dtype))
+    for method in ("vectorized", "naive"):
+        got = loss_fn(W, Xs, y, 0.1, b=b, method=method)
+        want = loss_fn(W, X, y, 0.1, b=b, method=method)
+        for g, w in zip(got, want):
+            assert np.asarray(g).dtype == np.asarray(w).dtype
+            np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_sample_weight_is_a_weighted_mean(backend, rng, sparse):
+    import scipy.sparse as sp
+
+    W, X, y, b = _data(rng, 30, 6, 4)
+    k = rng.integers(0, 4, size=30)
+    k[0] = 3
+    Xin = sp.csr_matrix(X) if sparse else X
+    got = softgrad.linear_softmax_loss(W, Xin, y, 0.2, b=b, sample_weight=k)
+    naive = softgrad.linear_softmax_loss(W, Xin, y, 0.2, b=b, sample_weight=k, method="naive")
+    # integer weights are repeated rows
+    repeated = softgrad.linear_softmax_loss(W, np.repeat(X, k, axis=0), np.repeat(y, k), 0.2, b=b)
+    for g, n, r in zip(got, naive, repeated):
+        np.testing.assert_allclose(g, n, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12)
+    # constant weights are the plain mean
+    plain = softgrad.linear_softmax_loss(W, Xin, y, 0.2, b=b)
+    for g, p in zip(softgrad.linear_softmax_loss(W, Xin, y, 0.2, b=b, sample_weight=np.full(30, 2.5)), plain):
+        np.testing.assert_allclose(g, p, rtol=1e-12, atol=1e-14)
+
+
+def test_sparse_float32_stays_float32(backend, rng):
+    import scipy.sparse as sp
+
+    W, X, y, b = _data(rng, 20, 5, 3, np.float32)
+    loss, dW, db = softgrad.linear_softmax_loss(W, sp.csr_matrix(X), y, 0.1, b=b)
+    assert loss.dtype == dW.dtype == db.dtype == np.float32
+    ref = softgrad.linear_softmax_loss(W.astype(np.float64), X.astype(np.float64), y, 0.1, b=b.astype(np.float64))
+    for g, r in zip((loss, dW, db), ref):
+        np.testing.assert_allclose(g, r, **tolerance(np.float32))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(sample_weight=np.ones(3)), ValueError, r"^sample_weight must have shape \(8,\)"),
+    (dict(sample_weight=-np.ones(8)), ValueError, "^sample_weight contains negative"),
+    (dict(sample_weight=np.zeros(8)), ValueError, "^sample_weight sums to zero"),
+    (dict(sample_weight=np.array([np.nan] * 8)), ValueError, "^sample_weight contains NaN"),
+    (dict(sample_weight=np.array(["a"] * 8)), TypeError, "^sample_weight must be an array of real numbers"),
+])
+def test_bad_sample_weight_raises(rng, kwargs, error, match):
+    W, X, y, _ = _data(rng, 8, 3, 2)
+    with pytest.raises(error, match=match):
+        softgrad.linear_softmax_loss(W, X, y, **kwargs)
+
+
+def test_bad_sparse_X_raises(rng):
+    import scipy.sparse as sp
+
+    W, X, y, _ = _data(rng, 8, 3, 2)
+    bad = sp.csr_matrix(X)
+    bad.data[0] = np.inf
+    with pytest.raises(ValueError, match="^X contains NaN or infinity"):
+        softgrad.linear_softmax_loss(W, bad, y)
+    with pytest.raises(TypeError, match="^X must have a real floating dtype"):
+        softgrad.linear_softmax_loss(W, sp.csr_matrix(np.ones((8, 3), dtype=np.int64)), y)
+    with pytest.raises(ValueError, match="^X must have D=3 columns"):
+        softgrad.linear_softmax_loss(W, sp.csr_matrix(np.ones((8, 4))), y)

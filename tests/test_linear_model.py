@@ -16,7 +16,7 @@ import pytest
 
 import softgrad
 from conftest import tolerance
-from softgrad._linear_model import lipschitz_bound, objective_and_gradient, objective_reference
+from softgrad._linear_model import lipschitz_bound, objective_and_gradient, objective_reference, objective_value
 
 
 def _problem(rng, N=40, D=6, C=5, dtype=np.float64, weighted=True, scale=1.0):
@@ -161,3 +161,82 @@ def test_lipschitz_bound_covers_the_hessian(rng):
     assert lam <= L
     # and not uselessly loose: the bound of the 1/2-curvature of softmax is within ~10x here
     assert L <= 20 * lam
+
+
+# ------------------------------------------------------------------ sparse X, float32 X, binary
+
+
+def _sparse_problem(rng, N=60, D=30, C=4, density=0.2):
+    import scipy.sparse as sp
+
+    X = sp.random(N, D, density=density, format="csr", random_state=np.random.RandomState(rng.integers(1 << 31)),
+                  data_rvs=lambda n: rng.normal(size=n))
+    y = rng.integers(0, C, size=N)
+    W = 0.5 * rng.normal(size=(C, D))
+    b = 0.5 * rng.normal(size=C)
+    s = rng.uniform(0.1, 2.0, size=N)
+    return X, y, W, b, s / s.sum()
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc"])
+@pytest.mark.parametrize("binary", [False, True])
+def test_sparse_equals_dense_and_reference(backend, rng, fmt, binary):
+    X, y, W, b, r = _sparse_problem(rng, C=1 if binary else 4)
+    if binary:
+        y = rng.integers(0, 2, size=y.shape[0])
+    Xs = X.asformat(fmt)
+    N, C = X.shape[0], W.shape[0]
+    got = objective_and_gradient(W, b, Xs, y, r, 0.1, np.empty((N, C)), np.empty(N), binary=binary)
+    dense = objective_and_gradient(W, b, X.toarray(), y, r, 0.1, np.empty((N, C)), np.empty(N), binary=binary)
+    ref = objective_reference(W, b, X, y, r, 0.1, binary=binary)
+    for g, d, f in zip(got, dense, ref):
+        np.testing.assert_allclose(g, d, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(g, f, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("blocks", [1, 7])
+def test_float32_X_under_float64_weights_is_exact_float64(backend, rng, monkeypatch, sparse, blocks):
+    """float32 X with float64 coef: the float64 result on the float32 values (cast block by block)."""
+    from softgrad import _linear_model
+
+    X, y, W, b, r = _sparse_problem(rng, N=70, density=0.5)
+    X32 = X.astype(np.float32)
+    X32 = X32 if sparse else X32.toarray()
+    # force several blocks (one when the whole X fits one)
+    entries = X32.nnz if sparse else X32.size
+    monkeypatch.setattr(_linear_model, "_BLOCK_ENTRIES", max(1, entries // blocks))
+    N, C = X.shape[0], W.shape[0]
+    got = objective_and_gradient(W, b, X32, y, r, 0.05, np.empty((N, C)), np.empty(N))
+    want = objective_reference(W, b, X32.astype(np.float64), y, r, 0.05)
+    assert got[1].dtype == np.float64
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-11, atol=1e-13)
+    assert objective_value(W, b, X32, y, r, 0.05) == pytest.approx(want[0], rel=1e-12)
+
+
+def test_binary_gradient_matches_central_differences(rng):
+    X, y, W, b, r = _sparse_problem(rng, C=1)
+    X = X.toarray()
+    y = rng.integers(0, 2, size=X.shape[0])
+
+    def J(theta):
+        return objective_reference(theta[:-1].reshape(1, -1), theta[-1:], X, y, r, 0.3, binary=True)[0]
+
+    theta = np.concatenate([W.ravel(), b])
+    h = 1e-5
+    num = np.array([(J(theta + h * e) - J(theta - h * e)) / (2 * h) for e in np.eye(theta.shape[0])])
+    _, gW, gb = objective_and_gradient(W, b, X, y, r, 0.3, np.empty((X.shape[0], 1)), np.empty(X.shape[0]),
+                                       binary=True)
+    np.testing.assert_allclose(np.concatenate([gW.ravel(), gb]), num, rtol=1e-6, atol=1e-9)
+
+
+def test_binary_loss_is_stable_for_huge_logits():
+    X = np.array([[1.0], [1.0], [-1.0]])
+    y = np.array([1, 0, 0])
+    W = np.array([[800.0]])
+    J, gW, _ = objective_and_gradient(W, None, X, y, np.full(3, 1 / 3), 0.0, np.empty((3, 1)), np.empty(3),
+                                      binary=True)
+    # rows: log(1 + e^-800) ~ 0, log(1 + e^800) = 800, log(1 + e^-800) ~ 0
+    assert J == pytest.approx(800 / 3, rel=1e-12)
+    np.testing.assert_allclose(gW, [[1 / 3]], rtol=1e-12)

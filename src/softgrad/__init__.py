@@ -31,7 +31,8 @@ from softgrad._softmax import (
 __version__ = "0.1.0"
 
 # Imported on first use, so that ``import softgrad`` needs neither scikit-learn nor SciPy.
-_LAZY = {"SoftmaxClassifier": "softgrad._classifier", "datasets": "softgrad.datasets"}
+_LAZY = {"LogisticRegression": "softgrad._logistic", "SoftmaxClassifier": "softgrad._classifier",
+         "datasets": "softgrad.datasets"}
 
 
 def __getattr__(name):
@@ -46,6 +47,7 @@ def __getattr__(name):
 
 __all__ = [
     "GradcheckReport",
+    "LogisticRegression",
     "SoftmaxClassifier",
     "__version__",
     "available_backends",

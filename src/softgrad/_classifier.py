@@ -4,17 +4,21 @@ Layering: the loss kernel ``(logits, target) -> (loss, grad_logits)`` lives in
 ``softgrad._kernels``; :mod:`softgrad._linear_model` composes it with the linear map
 (one reusable ``(N, C)`` work array per problem); this module validates input, picks a
 solver, and keeps scikit-learn's fitted-attribute conventions. Saving uses ``.npz``
-with a JSON header and never pickle.
+with a JSON header and never pickle. ``_LinearClassifier`` holds the fitting machinery
+that :class:`softgrad.LogisticRegression` (``softgrad._logistic``) shares.
 
 Conventions:
     ``coef_`` is ``(C, D)`` and ``intercept_`` is ``(C,)``, one row per class in the order
     of ``classes_`` (also for two classes: a softmax model keeps both rows, and
-    ``coef_[1] - coef_[0]`` is the log-odds weight vector). The solvers work on
-    ``W = coef_`` directly, as :mod:`softgrad._linear_model` takes it.
+    ``coef_[1] - coef_[0]`` is the log-odds weight vector; a binary logistic model has one
+    row, ``(1, D)``). The solvers work on ``W = coef_`` directly, as
+    :mod:`softgrad._linear_model` takes it. ``X`` is dense or SciPy sparse (CSR/CSC),
+    float32 or float64; the fitted weights take ``X``'s dtype.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
@@ -53,11 +57,331 @@ _MIXED_MIN_WORK = 1 << 23
 _SERIAL_MAX_WORK = 1 << 22
 # relative objective decrease at which L-BFGS-B stops (as scikit-learn sets it)
 _FTOL = 64 * np.finfo(np.float64).eps
+# options of the gd/sgd solvers and of precision, for estimators whose parameters lack them
+_SOLVER_DEFAULTS = {"learning_rate": "auto", "schedule": "constant", "batch_size": 200, "shuffle": True,
+                    "n_iter_no_change": 5, "precision": "auto", "callback": None}
 # sgd with schedule="adaptive" stops after dividing the step by 5 five times (5**-5 = 3.2e-4)
 _ADAPTIVE_FLOOR = 1.5 * 5.0 ** -5
 
 
-class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
+class _LinearClassifier(ClassifierMixin, BaseEstimator):
+    """Fitting machinery shared by :class:`SoftmaxClassifier` and :class:`softgrad.LogisticRegression`.
+
+    A subclass supplies its constructor and parameters, :meth:`_alpha` (the L2 strength of
+    the mean objective, from the summed weights) and ``_binary_logit`` (whether two classes
+    are fitted as one logistic logit, ``coef_`` ``(1, D)``, instead of two softmax rows).
+    Solver options a subclass does not expose take ``_SOLVER_DEFAULTS``.
+    """
+
+    _binary_logit = False
+
+    def _option(self, name):
+        """A solver option: the parameter if the estimator has it, else SoftmaxClassifier's default."""
+        return getattr(self, name) if name in self._get_param_names() else _SOLVER_DEFAULTS[name]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        return tags
+
+    def _alpha(self, weight_sum):  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ fit
+    def _fit(self, X, y, sample_weight):
+        name = type(self).__name__
+        X, y = validate_data(self, X, y, accept_sparse=("csr", "csc"), dtype=[np.float64, np.float32],
+                             order="C")
+        check_classification_targets(y)
+        classes, target = np.unique(y, return_inverse=True)
+        target = np.ascontiguousarray(target.reshape(-1), dtype=np.int64)
+        if classes.shape[0] < 2:
+            raise ValueError(
+                f"{name} needs samples of at least 2 classes in y; the data contains "
+                f"only one class: {classes[0]!r}")
+        weights = self._row_weights(sample_weight, classes, target)
+        present = np.bincount(target, weights=weights, minlength=classes.shape[0]) > 0
+        if present.sum() < 2:
+            raise ValueError(
+                f"{name} needs at least 2 classes with positive sample_weight; the "
+                f"weights leave only the class {classes[np.flatnonzero(present)[0]]!r}")
+        weight_sum = float(weights.sum())
+        row_scale = weights / weight_sum
+        alpha = float(self._alpha(weight_sum))
+
+        N, D = X.shape
+        C = classes.shape[0]
+        binary = self._binary_logit and C == 2
+        rows = 1 if binary else C
+        W, b = self._initial_weights(classes, D, rows)
+        work = _work_per_row(X) * rows  # multiply-adds per evaluation, per row of the batch
+        precision = self._option("precision")
+        if precision == "auto":
+            # float32 data is fitted in float32 first at no cost; float64 sparse data would
+            # need a float32 copy of its values for little gain (its products are bound by
+            # the index reads)
+            cheap = X.dtype == np.float32 or not _linear_model.is_sparse(X)
+            precision = ("mixed" if self.solver == "lbfgs" and cheap and N * work >= _MIXED_MIN_WORK
+                         else "float64")
+
+        self._curve: list[float] = []
+        batch = min(self._option("batch_size"), N) if self.solver == "sgd" else N
+        problem = _Problem(X, target, row_scale, alpha, binary)
+        with _thread_limit(batch * work):
+            if self.solver == "lbfgs":
+                X32 = _as_float32(X) if precision == "mixed" else None
+                W, b, objective, converged = self._fit_lbfgs(problem, X32, W, b)
+            elif self.solver == "gd":
+                W, b, objective, converged = self._fit_gd(problem, W, b)
+            else:
+                W, b, objective, converged = self._fit_sgd(problem, W, b)
+
+        if not converged:
+            warnings.warn(
+                f"{name}(solver={self.solver!r}) did not converge within "
+                f"max_iter={self.max_iter} {'epochs' if self.solver == 'sgd' else 'iterations'} "
+                f"(tol={self.tol}); increase max_iter or tol, or standardise X.",
+                ConvergenceWarning, stacklevel=4)
+        # scikit-learn's convention: the fitted weights have X's dtype (float32 in, float32 out)
+        self.classes_ = classes
+        self.coef_ = np.ascontiguousarray(W, dtype=X.dtype)
+        self.intercept_ = (np.zeros(rows, dtype=X.dtype) if b is None
+                           else np.array(b, dtype=X.dtype))
+        self.loss_curve_ = np.asarray(self._curve, dtype=np.float64)
+        self.objective_ = float(objective)
+        del self._curve
+        return self
+
+    def _row_weights(self, sample_weight, classes, target):
+        """``s_i``: validated ``sample_weight`` times ``class_weight[y_i]``, float64 ``(N,)``."""
+        N = target.shape[0]
+        if sample_weight is None:
+            s = np.ones(N)
+        else:
+            s = np.asarray(sample_weight)
+            if s.ndim == 0:
+                s = np.full(N, s)
+            if s.dtype == object or not np.issubdtype(s.dtype, np.number) or np.iscomplexobj(s):
+                raise TypeError(f"sample_weight must be an array of real numbers, got dtype {s.dtype}")
+            if s.shape != (N,):
+                raise ValueError(f"sample_weight must have shape ({N},) (one per sample), got {s.shape}")
+            s = s.astype(np.float64)
+            if not np.isfinite(s).all():
+                raise ValueError("sample_weight contains NaN or infinity")
+            if (s < 0).any():
+                raise ValueError("sample_weight contains negative values")
+        if self.class_weight is not None:
+            s = s * _class_weights(self.class_weight, classes, target, s)[target]
+        if not s.sum() > 0:
+            raise ValueError("sample_weight (times class_weight) sums to zero: all weights are zero, nothing to fit")
+        return s
+
+    def _initial_weights(self, classes, D, rows=None):
+        """Zeros (the objective is convex), or the previous fit with ``warm_start``.
+
+        ``rows`` is the number of weight rows (``C``, or 1 for a binary logistic fit).
+        """
+        rows = classes.shape[0] if rows is None else rows
+        if (self.warm_start and hasattr(self, "coef_") and self.coef_.shape == (rows, D)
+                and np.array_equal(self.classes_, classes)):
+            W = np.array(self.coef_, dtype=np.float64, order="C")
+            b = np.array(self.intercept_, dtype=np.float64) if self.fit_intercept else None
+            return W, b
+        return np.zeros((rows, D)), (np.zeros(rows) if self.fit_intercept else None)
+
+    def _record(self, objective):
+        self._curve.append(float(objective))
+        n = len(self._curve)
+        if self.verbose:
+            print(f"{type(self).__name__}[{self.solver}] iteration {n}: objective {objective:.8f}",
+                  file=sys.stdout)
+        if self._option("callback") is not None:
+            self._option("callback")(n, float(objective))
+
+    # ---------------------------------------------------------------- lbfgs
+    def _fit_lbfgs(self, problem, X32, W, b):
+        rows, D = W.shape
+        theta = _pack(W, b)
+        converged = False
+        if X32 is not None and self.max_iter > 0:
+            f32 = _Objective(problem._replace(X=X32), rows, b is not None, np.float32)
+            # Float32 rounding makes this objective noisy at ~1e-8 relative: the phase ends
+            # at the gradient tolerance or when a line search stops making progress. Either
+            # way the float64 phase below checks the point and finishes the job.
+            theta = self._run_lbfgs(f32, theta, self.max_iter, ftol=_FTOL).x
+            del f32  # its float32 (N, C) work array; only one work array lives at a time
+        # float64 phase on X as given: float32 X is cast block by block, never copied whole
+        f64 = _Objective(problem, rows, b is not None, np.float64)
+        remaining = self.max_iter - len(self._curve)
+        objective, grad = f64(theta)  # memoised: L-BFGS's first evaluation reuses it
+        if np.max(np.abs(grad)) <= self.tol:
+            converged = True
+        elif remaining > 0:
+            res = self._run_lbfgs(f64, theta, remaining, ftol=_FTOL)
+            theta = res.x
+            objective, grad = f64(theta)  # memoised when res.x was the last point evaluated
+            converged = res.status == 0
+        W, b = _unpack(theta, rows, D, b is not None)
+        return W, b, objective, converged
+
+    def _run_lbfgs(self, fun, theta, maxiter, ftol):
+        def record(intermediate_result):
+            self._record(intermediate_result.fun)
+
+        return _minimize_lbfgs(fun, theta, maxiter=maxiter, gtol=self.tol, ftol=ftol, callback=record)
+
+    # ------------------------------------------------------------------- gd
+    def _step_size(self, X, row_scale, alpha, fit_intercept):
+        if self._option("learning_rate") == "auto":
+            return 1.0 / _linear_model.lipschitz_bound(X, row_scale, alpha, fit_intercept)
+        return float(self._option("learning_rate"))
+
+    def _scheduled(self, eta0, eta, t, objective, previous):
+        """Step for iteration/epoch ``t + 1`` given the objective of ``t`` and ``t - 1``."""
+        if self._option("schedule") == "invscaling":
+            return eta0 / math.sqrt(t + 2)
+        if self._option("schedule") == "adaptive" and objective >= previous:
+            return 0.5 * eta
+        return eta
+
+    def _fit_gd(self, problem, W, b):
+        X, target, row_scale, alpha, binary = problem
+        N = X.shape[0]
+        work = np.empty((N, W.shape[0]))
+        loss_rows = np.empty(N)
+        eta0 = eta = self._step_size(X, row_scale, alpha, b is not None)
+        gW = np.empty_like(W)
+        gb = None if b is None else np.empty_like(b)
+        objective, gW, gb = _linear_model.objective_and_gradient(
+            W, b, X, target, row_scale, alpha, work, loss_rows, gW, gb, binary=binary)
+        previous = math.inf
+        converged = False
+        for t in range(self.max_iter):
+            if _max_abs(gW, gb) <= self.tol:
+                converged = True
+                break
+            # the seed's update: W += -step * dW ; b += -step * db
+            W -= eta * gW
+            if b is not None:
+                b -= eta * gb
+            new_objective, gW, gb = _linear_model.objective_and_gradient(
+                W, b, X, target, row_scale, alpha, work, loss_rows, gW, gb, binary=binary)
+            self._record(new_objective)
+            previous, objective = objective, new_objective
+            eta = self._scheduled(eta0, eta, t, objective, previous)
+        else:
+            converged = _max_abs(gW, gb) <= self.tol
+        return W, b, objective, converged
+
+    # ------------------------------------------------------------------ sgd
+    def _fit_sgd(self, problem, W, b):
+        X, target, row_scale, alpha, binary = problem
+        N, D = X.shape
+        rows = W.shape[0]
+        B = min(self._option("batch_size"), N)
+        rng = check_random_state(self.random_state)
+        eta0 = eta = self._step_size(X, row_scale, alpha, b is not None)
+        sparse = _linear_model.is_sparse(X)
+        Xr = X.tocsr() if sparse else X  # row gathers: CSR (a CSC matrix is converted once)
+        # Buffers reused by every batch: rows of X (dense), targets, scales, logits/gradient.
+        Xb = None if sparse else np.empty((B, D), dtype=X.dtype)
+        tb = np.empty(B, dtype=np.int64)
+        rb = np.empty(B)
+        work = np.empty((B, rows))
+        loss_rows = np.empty(B)
+        gW = np.empty_like(W)
+        gb = None if b is None else np.empty_like(b)
+        order = np.arange(N)
+        best = math.inf
+        stall = 0
+        previous = math.inf
+        converged = False
+        for epoch in range(self.max_iter):
+            if self._option("shuffle"):
+                rng.shuffle(order)
+            epoch_objective = 0.0
+            for start in range(0, N, B):
+                idx = order[start:start + B]
+                n = idx.shape[0]
+                yb, sb = tb[:n], rb[:n]
+                if sparse:
+                    xb = Xr[idx]
+                else:
+                    xb = Xb[:n]
+                    np.take(Xr, idx, axis=0, out=xb)
+                np.take(target, idx, out=yb)
+                # (N / n) r_i makes the batch objective an unbiased estimate of J.
+                np.take(row_scale, idx, out=sb)
+                sb *= N / n
+                objective, gW, gb = _linear_model.objective_and_gradient(
+                    W, b, xb, yb, sb, alpha, work[:n], loss_rows[:n], gW, gb, binary=binary)
+                epoch_objective += objective * (n / N)
+                W -= eta * gW
+                if b is not None:
+                    b -= eta * gb
+            self._record(epoch_objective)
+            if epoch_objective > best - self.tol:
+                stall += 1
+            else:
+                stall = 0
+            best = min(best, epoch_objective)
+            if self._option("schedule") == "invscaling":
+                eta = self._scheduled(eta0, eta, epoch, epoch_objective, previous)
+            previous = epoch_objective
+            if stall >= self._option("n_iter_no_change"):
+                if self._option("schedule") == "adaptive" and eta > eta0 * _ADAPTIVE_FLOOR:
+                    eta /= 5.0
+                    stall = 0
+                    continue
+                converged = True
+                break
+        objective = _linear_model.objective_value(W, b, X, target, row_scale, alpha, binary=binary)
+        return W, b, objective, converged
+
+    # ------------------------------------------------------------- predict
+    def _logits(self, X):
+        """``(N, C)`` class scores; a binary logistic model's one logit ``z`` as ``[0, z]``.
+
+        The product runs in the common dtype of ``X`` and ``coef_`` (float32 data with a
+        float32 model stays float32, as in scikit-learn).
+        """
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, accept_sparse=("csr", "csc"),
+                          dtype=[np.float64, np.float32])
+        z = np.asarray(X @ self.coef_.T) + self.intercept_
+        if z.shape[1] == 1:
+            z = np.concatenate([np.zeros_like(z), z], axis=1)
+        return np.ascontiguousarray(z)
+
+    def decision_function(self, X):
+        """Class scores ``z = X @ coef_.T + intercept_``.
+
+        Args:
+            X: array-like or sparse matrix ``(N, D)``.
+
+        Returns:
+            ``(N, C)`` logits in the common dtype of ``X`` and ``coef_``; for two classes
+            the log-odds of ``classes_[1]`` (``z_1 - z_0``), of shape ``(N,)``
+            (scikit-learn's binary convention).
+        """
+        z = self._logits(X)
+        return z[:, 1] - z[:, 0] if z.shape[1] == 2 else z
+
+    def predict_proba(self, X):
+        """Class probabilities ``softmax(z)``, ``(N, C)`` in the order of ``classes_``."""
+        return _softmax(self._logits(X), axis=-1)
+
+    def predict_log_proba(self, X):
+        """``log_softmax(z)`` (stable, no ``log(0)``), ``(N, C)``."""
+        return _log_softmax(self._logits(X), axis=-1)
+
+    def predict(self, X):
+        """The most probable label per row, ``classes_[argmax z]``, shape ``(N,)``."""
+        z = self._logits(X)
+        return self.classes_[np.argmax(z, axis=1)]
+
+
+class SoftmaxClassifier(_LinearClassifier):
     r"""Linear softmax classifier (multinomial logistic regression) trained by our own gradient.
 
     Minimises, over weights :math:`W` (``C x D``, ``coef_``) and intercepts :math:`b` (``C``),
@@ -128,11 +452,17 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         batch_size: rows per mini-batch of ``sgd`` (clipped to ``n_samples``).
         shuffle: reshuffle the rows every ``sgd`` epoch.
         n_iter_no_change: patience of ``sgd``'s stopping rule, in epochs.
-        class_weight: ``None``, ``"balanced"`` (``n_samples / (n_classes * count)``) or a
-            dict ``{label: weight}``; multiplies ``sample_weight``.
+        class_weight: ``None``, ``"balanced"`` or a dict ``{label: weight >= 0}``;
+            multiplies ``sample_weight``. ``"balanced"`` is scikit-learn 1.9's
+            ``sum_i s_i / (n_classes * sum_{i in class} s_i)``: classes counted by summed
+            ``sample_weight`` (``n_samples / (n_classes * count)`` without weights).
         precision: ``"float64"``, ``"mixed"`` (``lbfgs`` only: a float32 phase, then
-            float64; costs a float32 copy of ``X``) or ``"auto"`` (``"mixed"`` when
-            ``N * D * C >= 2**23`` and the solver is ``lbfgs``, else ``"float64"``).
+            float64; costs a float32 copy of float64 ``X``, none of float32 ``X``) or
+            ``"auto"`` (``"mixed"`` when the solver is ``lbfgs``, an evaluation takes
+            ``>= 2**23`` multiply-adds (``N * D * C``, sparse ``nnz * C``) and ``X`` is
+            dense or float32; else ``"float64"``). The float64 phase reads float32 ``X``
+            as it is, casting blocks of rows to float64, so float32 data is never copied
+            to float64 whole.
         warm_start: start from the previous ``coef_``/``intercept_`` when the classes
             and features match.
         random_state: seed or ``numpy.random.RandomState``/``Generator`` for ``sgd``'s
@@ -143,8 +473,8 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
 
     Attributes:
         classes_: ``(C,)`` the sorted labels (any type ``numpy.unique`` sorts).
-        coef_: ``(C, D)`` float64 weights.
-        intercept_: ``(C,)`` float64 intercepts (zeros without ``fit_intercept``).
+        coef_: ``(C, D)`` weights, in ``X``'s dtype (float32 or float64) as in scikit-learn.
+        intercept_: ``(C,)`` intercepts, same dtype (zeros without ``fit_intercept``).
         n_iter_: iterations (``lbfgs``, ``gd``) or epochs (``sgd``) run, an int.
         loss_curve_: ``(n_iter_,)`` float64 objective after each iteration (``sgd``: the
             mean of the mini-batch objectives over the epoch).
@@ -207,7 +537,10 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         """Fit the model to ``X`` ``(n_samples, n_features)`` and labels ``y`` ``(n_samples,)``.
 
         Args:
-            X: array-like ``(N, D)`` of finite numbers (dense).
+            X: array-like ``(N, D)`` of finite numbers, or a SciPy sparse matrix/array
+                (CSR or CSC are used as they are, int32 or int64 indices; other formats
+                are converted to CSR once). float32 data is fitted without a float64
+                copy and gives float32 ``coef_``/``intercept_``.
             y: array-like ``(N,)`` class labels of any type ``numpy.unique`` can sort;
                 at least two classes.
             sample_weight: ``None`` or array-like ``(N,)`` of finite non-negative weights.
@@ -218,269 +551,16 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         Raises:
             ValueError: NaN/inf or empty ``X``, mismatched lengths, continuous ``y``,
                 fewer than two classes (with positive weight), negative/non-finite
-                ``sample_weight`` or a zero total weight, invalid parameters.
-            TypeError: sparse ``X``.
+                ``sample_weight`` or ``class_weight`` or a zero total weight, invalid
+                parameters.
+            TypeError: non-numeric ``sample_weight``.
         """
-        X, y = validate_data(self, X, y, accept_sparse=False, dtype=[np.float64, np.float32],
-                             order="C")
-        check_classification_targets(y)
-        classes, target = np.unique(y, return_inverse=True)
-        target = np.ascontiguousarray(target.reshape(-1), dtype=np.int64)
-        if classes.shape[0] < 2:
-            raise ValueError(
-                "SoftmaxClassifier needs samples of at least 2 classes in y; the data contains "
-                f"only one class: {classes[0]!r}")
-        weights = self._row_weights(sample_weight, classes, y, target)
-        present = np.bincount(target, weights=weights, minlength=classes.shape[0]) > 0
-        if present.sum() < 2:
-            raise ValueError(
-                "SoftmaxClassifier needs at least 2 classes with positive sample_weight; the "
-                f"weights leave only the class {classes[np.flatnonzero(present)[0]]!r}")
-        row_scale = weights / weights.sum()
-
-        N, D = X.shape
-        C = classes.shape[0]
-        W, b = self._initial_weights(classes, D)
-        precision = self.precision
-        if precision == "auto":
-            precision = "mixed" if self.solver == "lbfgs" and N * D * C >= _MIXED_MIN_WORK else "float64"
-
-        self._curve: list[float] = []
-        X64 = X.astype(np.float64, copy=False)
-        rows = min(self.batch_size, N) if self.solver == "sgd" else N
-        with _thread_limit(rows * D * C):
-            if self.solver == "lbfgs":
-                X32 = None
-                if precision == "mixed":
-                    X32 = X if X.dtype == np.float32 else X.astype(np.float32)
-                W, b, objective, converged = self._fit_lbfgs(X64, X32, target, row_scale, W, b)
-            elif self.solver == "gd":
-                W, b, objective, converged = self._fit_gd(X64, target, row_scale, W, b)
-            else:
-                W, b, objective, converged = self._fit_sgd(X64, target, row_scale, W, b)
-
-        if not converged:
-            warnings.warn(
-                f"SoftmaxClassifier(solver={self.solver!r}) did not converge within "
-                f"max_iter={self.max_iter} {'epochs' if self.solver == 'sgd' else 'iterations'} "
-                f"(tol={self.tol}); increase max_iter or tol, or standardise X.",
-                ConvergenceWarning, stacklevel=3)
-        self.classes_ = classes
-        self.coef_ = np.ascontiguousarray(W, dtype=np.float64)
-        self.intercept_ = np.zeros(C) if b is None else np.asarray(b, dtype=np.float64).copy()
-        self.loss_curve_ = np.asarray(self._curve, dtype=np.float64)
+        self._fit(X, y, sample_weight)
         self.n_iter_ = int(self.loss_curve_.shape[0])
-        self.objective_ = float(objective)
-        del self._curve
         return self
 
-    def _row_weights(self, sample_weight, classes, y, target):
-        """``s_i``: validated ``sample_weight`` times ``class_weight[y_i]``, float64 ``(N,)``."""
-        N = target.shape[0]
-        if sample_weight is None:
-            s = np.ones(N)
-        else:
-            s = np.asarray(sample_weight)
-            if s.ndim == 0:
-                s = np.full(N, s)
-            if s.dtype == object or not np.issubdtype(s.dtype, np.number) or np.iscomplexobj(s):
-                raise TypeError(f"sample_weight must be an array of real numbers, got dtype {s.dtype}")
-            if s.shape != (N,):
-                raise ValueError(f"sample_weight must have shape ({N},) (one per sample), got {s.shape}")
-            s = s.astype(np.float64)
-            if not np.isfinite(s).all():
-                raise ValueError("sample_weight contains NaN or infinity")
-            if (s < 0).any():
-                raise ValueError("sample_weight contains negative values")
-        if self.class_weight is not None:
-            cw = compute_class_weight(self.class_weight, classes=classes, y=y)
-            s = s * cw[target]
-        if not s.sum() > 0:
-            raise ValueError("sample_weight (times class_weight) sums to zero: all weights are zero, nothing to fit")
-        return s
-
-    def _initial_weights(self, classes, D):
-        """Zeros (the objective is convex), or the previous fit with ``warm_start``."""
-        C = classes.shape[0]
-        if (self.warm_start and hasattr(self, "coef_") and self.coef_.shape == (C, D)
-                and np.array_equal(self.classes_, classes)):
-            W = np.array(self.coef_, dtype=np.float64, order="C")
-            b = self.intercept_.astype(np.float64) if self.fit_intercept else None
-            return W, b
-        return np.zeros((C, D)), (np.zeros(C) if self.fit_intercept else None)
-
-    def _record(self, objective):
-        self._curve.append(float(objective))
-        n = len(self._curve)
-        if self.verbose:
-            print(f"SoftmaxClassifier[{self.solver}] iteration {n}: objective {objective:.8f}",
-                  file=sys.stdout)
-        if self.callback is not None:
-            self.callback(n, float(objective))
-
-    # ---------------------------------------------------------------- lbfgs
-    def _fit_lbfgs(self, X64, X32, target, row_scale, W, b):
-        C, D = W.shape
-        theta = _pack(W, b)
-        converged = False
-        if X32 is not None:
-            f32 = _Objective(X32, target, row_scale, self.alpha, C, b is not None)
-            # Float32 rounding makes this objective noisy at ~1e-8 relative: the phase ends
-            # at the gradient tolerance or when a line search stops making progress. Either
-            # way the float64 phase below checks the point and finishes the job.
-            theta = self._run_lbfgs(f32, theta, self.max_iter, ftol=_FTOL).x
-            del f32  # its float32 (N, C) work array; only one work array lives at a time
-        f64 = _Objective(X64, target, row_scale, self.alpha, C, b is not None)
-        remaining = self.max_iter - len(self._curve)
-        objective, grad = f64(theta)  # memoised: L-BFGS's first evaluation reuses it
-        if np.max(np.abs(grad)) <= self.tol:
-            converged = True
-        elif remaining > 0:
-            res = self._run_lbfgs(f64, theta, remaining, ftol=_FTOL)
-            theta = res.x
-            objective, grad = f64(theta)  # memoised when res.x was the last point evaluated
-            converged = res.status == 0
-        W, b = _unpack(theta, C, D, b is not None)
-        return W, b, objective, converged
-
-    def _run_lbfgs(self, fun, theta, maxiter, ftol):
-        def record(intermediate_result):
-            self._record(intermediate_result.fun)
-
-        return _minimize_lbfgs(fun, theta, maxiter=maxiter, gtol=self.tol, ftol=ftol, callback=record)
-
-    # ------------------------------------------------------------------- gd
-    def _step_size(self, X, row_scale, fit_intercept):
-        if self.learning_rate == "auto":
-            return 1.0 / _linear_model.lipschitz_bound(X, row_scale, self.alpha, fit_intercept)
-        return float(self.learning_rate)
-
-    def _scheduled(self, eta0, eta, t, objective, previous):
-        """Step for iteration/epoch ``t + 1`` given the objective of ``t`` and ``t - 1``."""
-        if self.schedule == "invscaling":
-            return eta0 / math.sqrt(t + 2)
-        if self.schedule == "adaptive" and objective >= previous:
-            return 0.5 * eta
-        return eta
-
-    def _fit_gd(self, X, target, row_scale, W, b):
-        N, D = X.shape
-        C = W.shape[0]
-        work = np.empty((N, C))
-        loss_rows = np.empty(N)
-        eta0 = eta = self._step_size(X, row_scale, b is not None)
-        gW = np.empty_like(W)
-        gb = None if b is None else np.empty_like(b)
-        objective, gW, gb = _linear_model.objective_and_gradient(
-            W, b, X, target, row_scale, self.alpha, work, loss_rows, gW, gb)
-        previous = math.inf
-        converged = False
-        for t in range(self.max_iter):
-            if _max_abs(gW, gb) <= self.tol:
-                converged = True
-                break
-            # the seed's update: W += -step * dW ; b += -step * db
-            W -= eta * gW
-            if b is not None:
-                b -= eta * gb
-            new_objective, gW, gb = _linear_model.objective_and_gradient(
-                W, b, X, target, row_scale, self.alpha, work, loss_rows, gW, gb)
-            self._record(new_objective)
-            previous, objective = objective, new_objective
-            eta = self._scheduled(eta0, eta, t, objective, previous)
-        else:
-            converged = _max_abs(gW, gb) <= self.tol
-        return W, b, objective, converged
-
-    # ------------------------------------------------------------------ sgd
-    def _fit_sgd(self, X, target, row_scale, W, b):
-        N, D = X.shape
-        C = W.shape[0]
-        B = min(self.batch_size, N)
-        rng = check_random_state(self.random_state)
-        eta0 = eta = self._step_size(X, row_scale, b is not None)
-        # Buffers reused by every batch: rows of X, targets, scales, logits/gradient.
-        Xb = np.empty((B, D))
-        tb = np.empty(B, dtype=np.int64)
-        rb = np.empty(B)
-        work = np.empty((B, C))
-        loss_rows = np.empty(B)
-        gW = np.empty_like(W)
-        gb = None if b is None else np.empty_like(b)
-        order = np.arange(N)
-        best = math.inf
-        stall = 0
-        previous = math.inf
-        converged = False
-        for epoch in range(self.max_iter):
-            if self.shuffle:
-                rng.shuffle(order)
-            epoch_objective = 0.0
-            for start in range(0, N, B):
-                idx = order[start:start + B]
-                n = idx.shape[0]
-                xb, yb, sb = Xb[:n], tb[:n], rb[:n]
-                np.take(X, idx, axis=0, out=xb)
-                np.take(target, idx, out=yb)
-                # (N / n) r_i makes the batch objective an unbiased estimate of J.
-                np.take(row_scale, idx, out=sb)
-                sb *= N / n
-                objective, gW, gb = _linear_model.objective_and_gradient(
-                    W, b, xb, yb, sb, self.alpha, work[:n], loss_rows[:n], gW, gb)
-                epoch_objective += objective * (n / N)
-                W -= eta * gW
-                if b is not None:
-                    b -= eta * gb
-            self._record(epoch_objective)
-            if epoch_objective > best - self.tol:
-                stall += 1
-            else:
-                stall = 0
-            best = min(best, epoch_objective)
-            if self.schedule == "invscaling":
-                eta = self._scheduled(eta0, eta, epoch, epoch_objective, previous)
-            previous = epoch_objective
-            if stall >= self.n_iter_no_change:
-                if self.schedule == "adaptive" and eta > eta0 * _ADAPTIVE_FLOOR:
-                    eta /= 5.0
-                    stall = 0
-                    continue
-                converged = True
-                break
-        objective = _full_objective(X, target, row_scale, self.alpha, W, b)
-        return W, b, objective, converged
-
-    # ------------------------------------------------------------- predict
-    def _logits(self, X):
-        check_is_fitted(self)
-        X = validate_data(self, X, reset=False, accept_sparse=False, dtype=[np.float64, np.float32])
-        return X.astype(np.float64, copy=False) @ self.coef_.T + self.intercept_
-
-    def decision_function(self, X):
-        """Class scores ``z = X @ coef_.T + intercept_``.
-
-        Args:
-            X: array-like ``(N, D)``.
-
-        Returns:
-            float64 ``(N, C)`` logits; for two classes the log-odds of ``classes_[1]``,
-            ``z_1 - z_0``, of shape ``(N,)`` (scikit-learn's binary convention).
-        """
-        z = self._logits(X)
-        return z[:, 1] - z[:, 0] if z.shape[1] == 2 else z
-
-    def predict_proba(self, X):
-        """Class probabilities ``softmax(z)``, float64 ``(N, C)`` in the order of ``classes_``."""
-        return _softmax(self._logits(X), axis=-1)
-
-    def predict_log_proba(self, X):
-        """``log_softmax(z)`` (stable, no ``log(0)``), float64 ``(N, C)``."""
-        return _log_softmax(self._logits(X), axis=-1)
-
-    def predict(self, X):
-        """The most probable label per row, ``classes_[argmax z]``, shape ``(N,)``."""
-        z = self._logits(X)
-        return self.classes_[np.argmax(z, axis=1)]
+    def _alpha(self, weight_sum):
+        return self.alpha
 
     # ----------------------------------------------------------- save/load
     def save(self, path) -> Path:
@@ -592,8 +672,9 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         except TypeError as exc:
             raise bad(f"unknown parameters in header ({exc})") from exc
         model.classes_ = _decode_labels(classes, label_kind)
-        model.coef_ = np.ascontiguousarray(coef, dtype=np.float64)
-        model.intercept_ = intercept.astype(np.float64)
+        dtype = coef.dtype if coef.dtype in (np.float32, np.float64) else np.float64
+        model.coef_ = np.ascontiguousarray(coef, dtype=dtype)
+        model.intercept_ = intercept.astype(dtype)
         model.loss_curve_ = data["loss_curve"].astype(np.float64)
         model.n_iter_ = int(header.get("n_iter", model.loss_curve_.shape[0]))
         model.objective_ = float(header.get("objective", np.nan))
@@ -603,19 +684,25 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         return model
 
 
+_Problem = collections.namedtuple("_Problem", "X target row_scale alpha binary")
+_Problem.__doc__ = """One fit's data: ``X`` (dense or sparse), int64 ``target``, float64 ``row_scale``,
+the L2 strength ``alpha`` and whether the model is one logistic logit (``binary``)."""
+
+
 class _Objective:
     """``theta -> (J, grad)`` for SciPy, with ``theta = [W.ravel(), b]`` (``W`` is ``(C, D)``) in float64.
 
-    Holds the problem in one compute dtype (``X``'s) and the reusable buffers: the
-    ``(N, C)`` work array and the ``(N,)`` per-row losses.
+    Holds the problem, the compute ``dtype`` (float32 needs float32 ``X``; float64 takes
+    float32 or float64 ``X``) and the reusable buffers: the ``(N, C)`` work array and the
+    ``(N,)`` per-row losses.
     """
 
-    def __init__(self, X, target, row_scale, alpha, C, fit_intercept):
-        N, D = X.shape
-        self.X, self.target, self.row_scale, self.alpha = X, target, row_scale, float(alpha)
-        self.D, self.C, self.fit_intercept = D, C, fit_intercept
-        self.dtype = X.dtype
-        self.work = np.empty((N, C), dtype=X.dtype)
+    def __init__(self, problem, rows, fit_intercept, dtype):
+        N, D = problem.X.shape
+        self.problem = problem
+        self.D, self.C, self.fit_intercept = D, rows, fit_intercept
+        self.dtype = np.dtype(dtype)
+        self.work = np.empty((N, rows), dtype=self.dtype)
         self.loss_rows = np.empty(N)
         self._last = None  # (theta, J, grad) of the latest evaluation
 
@@ -628,24 +715,25 @@ class _Objective:
 
     def _evaluate(self, theta):
         D, C = self.D, self.C
+        p = self.problem
         grad = np.empty(theta.shape[0])
         if self.dtype == np.float64:
             W, b = _unpack(theta, C, D, self.fit_intercept)
             gW = grad[:D * C].reshape(C, D)
             gb = grad[D * C:] if self.fit_intercept else None
             J, _, _ = _linear_model.objective_and_gradient(
-                W, b, self.X, self.target, self.row_scale, self.alpha, self.work,
-                self.loss_rows, gW, gb)
+                W, b, p.X, p.target, p.row_scale, p.alpha, self.work, self.loss_rows, gW, gb,
+                binary=p.binary)
         else:
             t = theta.astype(self.dtype)
             W, b = _unpack(t, C, D, self.fit_intercept)
             J, gW, gb = _linear_model.objective_and_gradient(
-                W, b, self.X, self.target, self.row_scale, self.alpha, self.work, self.loss_rows)
+                W, b, p.X, p.target, p.row_scale, p.alpha, self.work, self.loss_rows,
+                binary=p.binary)
             grad[:D * C] = gW.reshape(-1)
             if self.fit_intercept:
                 grad[D * C:] = gb
         return J, grad
-
 
 def _minimize_lbfgs(fun, theta, *, maxiter, gtol, ftol, callback):
     """SciPy's L-BFGS-B on ``fun(theta) -> (J, grad)``, its own BLAS calls on one thread.
@@ -709,27 +797,47 @@ def _max_abs(gW, gb):
     return m if gb is None else max(m, float(np.max(np.abs(gb))))
 
 
-def _full_objective(X, target, row_scale, alpha, W, b):
-    """``J`` over all rows, in row blocks so no ``(N, C)`` array is allocated."""
-    N = X.shape[0]
-    step = max(1, (1 << 16) // W.shape[0])
-    work = np.empty((min(step, N), W.shape[0]))
-    loss_rows = np.empty(min(step, N))
-    data = 0.0
-    for start in range(0, N, step):
-        sl = slice(start, min(start + step, N))
-        n = sl.stop - sl.start
-        np.matmul(X[sl], W.T, out=work[:n])
-        if b is not None:
-            work[:n] += b
-        _kernels_ce(work[:n], target[sl], loss_rows[:n])
-        data += float(np.dot(loss_rows[:n], row_scale[sl]))
-    return data + 0.5 * alpha * float(np.vdot(W, W))
+def _work_per_row(X):
+    """Multiply-adds per row and class of ``X @ W.T``: ``D`` dense, the mean row's non-zeros sparse."""
+    if _linear_model.is_sparse(X):
+        return X.nnz / max(X.shape[0], 1)
+    return X.shape[1]
 
 
-def _kernels_ce(logits, target, loss_out):
-    _kernels().cross_entropy_index(logits, target, None, -100, 0.0,
-                                  np.zeros(target.shape[0]), loss_out, None)
+def _as_float32(X):
+    """``X`` in float32: itself if it is float32; sparse copies only the values (indices shared)."""
+    if X.dtype == np.float32:
+        return X
+    if _linear_model.is_sparse(X):
+        return type(X)((X.data.astype(np.float32), X.indices, X.indptr), shape=X.shape)
+    return X.astype(np.float32)
+
+
+def _class_weights(class_weight, classes, target, sample_weight):
+    """Per-class weights ``(C,)`` float64, by scikit-learn 1.9's rule.
+
+    ``"balanced"``: ``w_c = sum_i s_i / (C * sum_{i: y_i = c} s_i)`` with ``s`` the
+    ``sample_weight`` (ones without it: ``n_samples / (C * count_c)``), i.e. the classes
+    are counted by summed sample weight; a class whose weights sum to 0 gets 0 (its rows
+    weigh nothing anyway). A dict ``{label: weight}``: labels it omits weigh 1.
+
+    Raises:
+        ValueError: a dict with labels that are not classes, or a weight that is
+            negative or not finite.
+    """
+    C = classes.shape[0]
+    if isinstance(class_weight, str) and class_weight == "balanced":
+        totals = np.bincount(target, weights=sample_weight, minlength=C)
+        safe = np.where(totals > 0, totals, 1.0)
+        return np.where(totals > 0, totals.sum() / (C * safe), 0.0)
+    weights = np.asarray(compute_class_weight(class_weight, classes=classes, y=classes), dtype=np.float64)
+    bad = ~np.isfinite(weights) | (weights < 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        label = classes.tolist()[i]
+        raise ValueError(f"class_weight of class {label!r} is {weights[i]}; class weights must be "
+                         "finite and >= 0")
+    return weights
 
 
 def _encode_labels(labels):

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from softgrad import _validation as _v
+from softgrad._linear_model import is_sparse as _is_sparse
 from softgrad._losses import softmax_cross_entropy
 from softgrad._softmax import softmax, softmax_jacobian
 
@@ -48,17 +49,30 @@ def _check_nonneg(value: Any, name: str) -> float:
     return value
 
 
+def _sparse_X(X):
+    """Validate a SciPy sparse ``X``: CSR/CSC kept (COO and the rest converted to CSR), float, finite."""
+    if X.format not in ("csr", "csc"):
+        X = X.tocsr()
+    if not np.issubdtype(X.dtype, np.floating):
+        raise TypeError(f"X must have a real floating dtype (float16/32/64), got sparse dtype {X.dtype}; "
+                        "convert it explicitly, e.g. X.astype(np.float64)")
+    if X.data.size and not np.isfinite(X.data).all():
+        raise ValueError("X contains NaN or infinity")
+    return X
+
+
 def _linear_args(W, X, y, reg, b, method):
     """Validate the linear-classifier arguments.
 
     Returns ``(W, X, y, reg, b, method, dtypes)``: the arrays as given (validated, not
-    converted), ``y`` as ``(N,)`` int64 and the caller's dtypes for the results.
+    converted; a sparse ``X`` other than CSR/CSC is converted to CSR), ``y`` as ``(N,)``
+    int64 and the caller's dtypes for the results.
     """
     if not isinstance(method, str) or method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     reg = _check_nonneg(reg, "reg")
     W = _v.as_float_array(W, "W")
-    X = _v.as_float_array(X, "X")
+    X = _sparse_X(X) if _is_sparse(X) else _v.as_float_array(X, "X")
     if W.ndim != 2 or 0 in W.shape:
         raise ValueError(f"W must be a non-empty 2-D array (D, C), got shape {W.shape}")
     D, C = W.shape
@@ -96,9 +110,9 @@ def _layer_args(W, x):
 
 
 def _scores(X, W, b, dtype):
-    """``X @ W (+ b)`` in ``dtype``; a ValueError if it overflows."""
+    """``X @ W (+ b)`` in ``dtype`` (a dense array also for sparse ``X``); a ValueError if it overflows."""
     with np.errstate(over="ignore", invalid="ignore"):  # reported below as a ValueError
-        scores = X.astype(dtype, copy=False) @ W.astype(dtype, copy=False)
+        scores = np.asarray(X.astype(dtype, copy=False) @ W.astype(dtype, copy=False))
         if b is not None:
             scores += b.astype(dtype, copy=False)
     if not np.isfinite(scores).all():
@@ -121,8 +135,33 @@ def _finish(loss, dW, db, reg, W, b, result_dtype):
 # ---------------------------------------------------------------- softmax classifier
 
 
-def _softmax_loss_naive(W, X, y, b):
-    """Seed 001's double loop, in float64: returns ``(data loss, dW, db)`` without ``reg``."""
+def _row_weights(sample_weight, N):
+    """``r_i = s_i / sum_j s_j`` as float64 ``(N,)`` (``1 / N`` without weights)."""
+    if sample_weight is None:
+        return np.full(N, 1.0 / N)
+    s = np.asarray(sample_weight)
+    if s.dtype == object or s.dtype == np.bool_ or not np.issubdtype(s.dtype, np.number) \
+            or np.iscomplexobj(s):
+        raise TypeError(f"sample_weight must be an array of real numbers, got dtype {s.dtype}")
+    if s.shape != (N,):
+        raise ValueError(f"sample_weight must have shape ({N},) (one weight per row of X), got {s.shape}")
+    s = s.astype(np.float64)
+    if not np.isfinite(s).all():
+        raise ValueError("sample_weight contains NaN or infinity")
+    if (s < 0).any():
+        raise ValueError("sample_weight contains negative values")
+    total = s.sum()
+    if not total > 0:
+        raise ValueError("sample_weight sums to zero: the weighted mean is undefined")
+    return s / total
+
+
+def _softmax_loss_naive(W, X, y, b, r):
+    """Seed 001's double loop, in float64: returns ``(data loss, dW, db)`` without ``reg``.
+
+    ``r`` holds the row weights ``r_i`` (``1 / N`` each for the plain mean).
+    """
+    X = X.toarray() if _is_sparse(X) else X
     W, X = W.astype(np.float64), X.astype(np.float64)
     b = np.zeros(W.shape[1]) if b is None else b.astype(np.float64)
     N, C = X.shape[0], W.shape[1]
@@ -135,51 +174,59 @@ def _softmax_loss_naive(W, X, y, b):
         exp_scores = np.exp(scores)
         total = exp_scores.sum()
         # -log(exp_y / total), written without the division
-        loss += np.log(total) - scores[y[i]]
+        loss += r[i] * (np.log(total) - scores[y[i]])
         for j in range(C):
             p_j = exp_scores[j] / total
             # d loss_i / d score_j = p_j - 1[j == y_i]; d score_j / d W[:, j] = X[i]
-            coeff = p_j - 1.0 if j == y[i] else p_j
+            coeff = r[i] * (p_j - 1.0 if j == y[i] else p_j)
             dW[:, j] += coeff * X[i]
             db[j] += coeff
-    return loss / N, dW / N, db / N
+    return loss, dW, db
 
 
-def _softmax_loss_vectorized(W, X, y, b, dtype):
-    """Scores, then the fused loss kernel, then ``dW = X.T @ dscores``."""
+def _softmax_loss_vectorized(W, X, y, b, dtype, r):
+    """Scores, then the fused loss kernel (per-row losses), then ``dW = X.T @ dscores``."""
     scores = _scores(X, W, b, dtype)
-    # mean reduction: dscores = (softmax(scores) - onehot(y)) / N
-    loss, dscores = softmax_cross_entropy(scores, y)
-    dW = X.astype(dtype, copy=False).T @ dscores
+    # weighted mean: dscores_i = r_i (softmax(scores_i) - onehot(y_i))
+    loss_rows, dscores = softmax_cross_entropy(scores, y, reduction="none")
+    loss = float(np.dot(np.asarray(loss_rows, dtype=np.float64), r))
+    dscores *= r.astype(dscores.dtype)[:, None]
+    dW = np.asarray(X.astype(dtype, copy=False).T @ dscores)
     return loss, dW, dscores.sum(axis=0)
 
 
 def linear_softmax_loss(W: Any, X: Any, y: Any, reg: float = 0.0, *, b: Any = None,
-                        method: str = "vectorized"):
+                        method: str = "vectorized", sample_weight: Any = None):
     r"""Softmax (cross-entropy) loss of a linear classifier and its gradient.
 
-    With scores :math:`s = XW + b` and :math:`p_i = \mathrm{softmax}(s_i)`:
+    With scores :math:`s = XW + b`, :math:`p_i = \mathrm{softmax}(s_i)` and row weights
+    :math:`r_i = w_i / \sum_j w_j` (``sample_weight`` :math:`w`; :math:`r_i = 1/N`
+    without it, the plain mean):
 
     .. math::
 
-        L = \frac{1}{N}\sum_i \big(\mathrm{lse}(s_i) - s_{i, y_i}\big) + \mathrm{reg}\sum W^2,
+        L = \sum_i r_i \big(\mathrm{lse}(s_i) - s_{i, y_i}\big) + \mathrm{reg}\sum W^2,
         \qquad
-        \frac{\partial L}{\partial W} = \frac{1}{N} X^\top (P - Y) + 2\,\mathrm{reg}\, W,
+        \frac{\partial L}{\partial W} = X^\top R (P - Y) + 2\,\mathrm{reg}\, W,
         \qquad
-        \frac{\partial L}{\partial b} = \frac{1}{N}\sum_i (p_i - y_i)
+        \frac{\partial L}{\partial b} = \sum_i r_i (p_i - y_i)
 
-    where :math:`Y` is the one-hot matrix of ``y``. ``method="vectorized"`` runs in the
-    compute dtype of the inputs (float16 in float32) through the active backend's
-    cross-entropy kernel; ``method="naive"`` is seed 001's loop over rows and classes,
-    always in float64. The two agree to ~1e-12 in float64.
+    where :math:`Y` is the one-hot matrix of ``y`` and :math:`R = \mathrm{diag}(r)`.
+    ``method="vectorized"`` runs in the compute dtype of the inputs (float16 in float32)
+    through the active backend's cross-entropy kernel, with ``X @ W`` and ``X.T @ G`` as
+    SciPy sparse products when ``X`` is sparse; ``method="naive"`` is seed 001's loop
+    over rows and classes, always in float64. The two agree to ~1e-12 in float64.
 
     Args:
         W: weights ``(D, C)``, float16/32/64, finite.
-        X: data ``(N, D)``, float, finite, ``N >= 1``.
+        X: data ``(N, D)``, float, finite, ``N >= 1``: an array, or a SciPy sparse
+            matrix/array (CSR/CSC used as given, other formats converted to CSR).
         y: labels ``(N,)``, integers in ``[0, C)``.
         reg: L2 strength, a float >= 0 (``b`` is not penalised).
         b: optional bias ``(C,)``; when given, its gradient is returned too.
         method: ``"vectorized"`` (default) or ``"naive"``.
+        sample_weight: optional ``(N,)`` finite non-negative row weights, not all zero;
+            the loss is their weighted mean.
 
     Returns:
         ``(loss, dW)``, or ``(loss, dW, db)`` when ``b`` is given. ``loss`` is a NumPy
@@ -191,7 +238,8 @@ def linear_softmax_loss(W: Any, X: Any, y: Any, reg: float = 0.0, *, b: Any = No
         ValueError: NaN/inf entries; ``W`` not 2-D or empty; ``X`` not 2-D, empty, or with
             the wrong number of columns; ``y`` or ``b`` of the wrong shape; a label
             outside ``[0, C)``; ``reg`` negative or not finite; unknown ``method``;
-            scores that overflow.
+            scores that overflow; ``sample_weight`` of the wrong shape, negative,
+            non-finite or summing to zero.
 
     Examples:
         Zero weights give every class probability ``1/C``, so the loss is ``log C``:
@@ -206,10 +254,11 @@ def linear_softmax_loss(W: Any, X: Any, y: Any, reg: float = 0.0, *, b: Any = No
         array([-0.1667,  0.3333, -0.1667])
     """
     W, X, y, reg, b, method, result_dtype = _linear_args(W, X, y, reg, b, method)
+    r = _row_weights(sample_weight, X.shape[0])
     if method == "naive":
-        loss, dW, db = _softmax_loss_naive(W, X, y, b)
+        loss, dW, db = _softmax_loss_naive(W, X, y, b, r)
     else:
-        loss, dW, db = _softmax_loss_vectorized(W, X, y, b, _v.compute_dtype(result_dtype))
+        loss, dW, db = _softmax_loss_vectorized(W, X, y, b, _v.compute_dtype(result_dtype), r)
     return _finish(loss, dW, db, reg, W, b, result_dtype)
 
 
@@ -218,6 +267,7 @@ def linear_softmax_loss(W: Any, X: Any, y: Any, reg: float = 0.0, *, b: Any = No
 
 def _svm_loss_naive(W, X, y, b, delta):
     """The hinge loss with explicit loops, in float64: ``(data loss, dW, db)`` without ``reg``."""
+    X = X.toarray() if _is_sparse(X) else X
     W, X = W.astype(np.float64), X.astype(np.float64)
     b = np.zeros(W.shape[1]) if b is None else b.astype(np.float64)
     N, C = X.shape[0], W.shape[1]
@@ -254,7 +304,7 @@ def _svm_loss_vectorized(W, X, y, b, delta, dtype):
     M = (margins > 0).astype(dtype)
     M[rows, y] = -M.sum(axis=1)
     M /= N
-    dW = X.astype(dtype, copy=False).T @ M
+    dW = np.asarray(X.astype(dtype, copy=False).T @ M)
     return loss, dW, M.sum(axis=0)
 
 

@@ -506,6 +506,8 @@ CLASSIFIER_CASES = {
     # the automatic step needs the distributed power iteration; stops at max_iter, like the single process
     "gd_auto_step": dict(alpha=1e-2, solver="gd", tol=1e-3, max_iter=40),
     "gd_adaptive": dict(alpha=1e-2, solver="gd", learning_rate=2.0, schedule="adaptive", tol=1e-3, max_iter=30),
+    # CSR shards (the digits' small entries zeroed), sample weights and "balanced" by summed weight
+    "lbfgs_sparse": dict(alpha=1e-2, solver="lbfgs", tol=1e-6, max_iter=500, class_weight="balanced"),
 }
 
 
@@ -520,6 +522,11 @@ def classifier_case_inputs(name):
     if name == "lbfgs_weighted_strings":
         sample_weight = w
         y = np.array(["digit-" + str(v) for v in y], dtype=object)
+    if name == "lbfgs_sparse":
+        import scipy.sparse as sp
+
+        X = sp.csr_matrix(np.where(np.abs(X) < 0.5, 0.0, X))
+        sample_weight = w
     return X, y, sample_weight
 
 

@@ -73,11 +73,12 @@ class _ShardObjective:
     all-reduce.
     """
 
-    def __init__(self, X, target, row_scale, alpha, shape, fit_intercept, reducer: _Reducer):
+    def __init__(self, X, target, row_scale, alpha, shape, fit_intercept, reducer: _Reducer, dtype=np.float64):
         self.X, self.target, self.row_scale, self.alpha = X, target, row_scale, float(alpha)
         self.shape, self.fit_intercept = tuple(shape), fit_intercept
         self.reducer = reducer
-        self.work = np.empty((X.shape[0], shape[0]), dtype=X.dtype)  # (N_k, C)
+        self.dtype = np.dtype(dtype)  # compute dtype; float64 reads float32 X block by block
+        self.work = np.empty((X.shape[0], shape[0]), dtype=self.dtype)  # (N_k, C)
         self.loss_rows = np.empty(X.shape[0])
         self._last = None
 
@@ -90,7 +91,7 @@ class _ShardObjective:
 
     def _evaluate(self, theta):
         size = self.shape[0] * self.shape[1]
-        W, b = _unpack(theta if self.X.dtype == np.float64 else theta.astype(self.X.dtype), self.shape,
+        W, b = _unpack(theta if self.dtype == np.float64 else theta.astype(self.dtype), self.shape,
                        self.fit_intercept)
         packed = np.zeros(1 + theta.shape[0])  # [data term, grad W, grad b] of this shard
         if self.X.shape[0]:
@@ -122,9 +123,11 @@ def _lipschitz_bound(X, row_scale, alpha, fit_intercept, reducer: _Reducer, *, i
     lam = 0.0
     for _ in range(iterations):
         v /= np.linalg.norm(v)
-        u = X @ v[:D] + (v[D] if fit_intercept else 0.0)
+        u = np.asarray(X @ v[:D].astype(X.dtype), dtype=np.float64).reshape(-1)
+        if fit_intercept:
+            u += v[D]
         u *= row_scale
-        w = X.T @ u
+        w = np.asarray(X.T @ u.astype(X.dtype), dtype=np.float64).reshape(-1)
         if fit_intercept:
             w = np.append(w, u.sum())
         w = reducer.sum(w, "power iteration")
@@ -152,7 +155,7 @@ class _Curve:
             self.estimator.callback(n, float(objective))
 
 
-def _fit_lbfgs(est, X64, X32, target, row_scale, W, b, reducer, curve):
+def _fit_lbfgs(est, X, X32, target, row_scale, W, b, reducer, curve):
     """The single-process estimator's L-BFGS-B schedule, on the all-reduced objective."""
     from softgrad import _classifier
 
@@ -169,9 +172,9 @@ def _fit_lbfgs(est, X64, X32, target, row_scale, W, b, reducer, curve):
     if X32 is not None:
         # float32 phase (ends at the gradient tolerance or when its noisy line searches stall),
         # then the float64 phase below checks the point and finishes
-        theta = run(_ShardObjective(X32, target, row_scale, est.alpha, shape, fit_intercept, reducer), theta,
-                    est.max_iter).x
-    f64 = _ShardObjective(X64, target, row_scale, est.alpha, shape, fit_intercept, reducer)
+        theta = run(_ShardObjective(X32, target, row_scale, est.alpha, shape, fit_intercept, reducer, np.float32),
+                    theta, est.max_iter).x
+    f64 = _ShardObjective(X, target, row_scale, est.alpha, shape, fit_intercept, reducer)
     remaining = est.max_iter - len(curve.values)
     objective, grad = f64(theta)
     converged = False
@@ -230,8 +233,8 @@ def _local_checks(est, X_shard, y_shard, sample_weight):
     if est.solver == "sgd":
         raise ValueError("estimator.solver='sgd' is not supported by fit_data_parallel: its mini-batches would "
                          "depend on how the rows are split; use solver='lbfgs' or 'gd' (full-batch, deterministic)")
-    X, y = validate_data(est, X_shard, y_shard, accept_sparse=False, dtype=[np.float64, np.float32], order="C",
-                         ensure_min_samples=0)
+    X, y = validate_data(est, X_shard, y_shard, accept_sparse=("csr", "csc"), dtype=[np.float64, np.float32],
+                         order="C", ensure_min_samples=0)
     check_classification_targets(y)
     s = None
     if sample_weight is not None:
@@ -320,19 +323,20 @@ def fit_data_parallel(estimator, X_shard, y_shard, *, group=None, sample_weight=
     ``objective_``, ``n_features_in_``; it predicts, scores, saves and pickles like one fitted
     by ``fit``. For ``solver="lbfgs"`` and ``"gd"`` (deterministic, full-batch) the model
     equals ``estimator.fit(X, y, sample_weight)`` on the concatenated rows up to the rounding
-    of the sums (tested to 1e-8). ``class_weight`` (``"balanced"`` uses the global class
-    counts), ``warm_start``, ``precision``, ``tol``, ``max_iter`` and the ``gd`` step rules
+    of the sums (tested to 1e-8). ``class_weight`` (``"balanced"`` uses the summed sample weights per class
+    over all ranks), ``warm_start``, ``precision``, ``tol``, ``max_iter`` and the ``gd`` step rules
     behave as in ``fit``. ``verbose`` prints on rank 0; ``callback`` runs on every rank.
 
     Communication: one all-gather of the ranks' label sets and input checks (pickled,
-    small), three all-reduces of ``C + 1`` numbers (class counts, weight sums), ``30``
+    small), up to three all-reduces of ``C + 2`` numbers (class weight totals, weight sums, work), ``30``
     all-reduces of ``D + 1`` for ``gd``'s automatic step, then one all-reduce of
     ``1 + D C + C`` float64 per objective evaluation, and a final broadcast of the weights.
 
     Args:
         estimator: a :class:`softgrad.SoftmaxClassifier` with ``solver`` ``"lbfgs"`` or ``"gd"``;
             fitted in place.
-        X_shard: array-like ``(N_k, D)`` of finite numbers, this rank's rows (``N_k >= 0``).
+        X_shard: array-like ``(N_k, D)`` of finite numbers, or a SciPy sparse CSR/CSC matrix,
+            this rank's rows (``N_k >= 0``); float32 is fitted without a float64 copy.
         y_shard: array-like ``(N_k,)`` labels of those rows.
         group: the process group (default: the world group of ``torch.distributed``).
         sample_weight: ``None`` or array-like ``(N_k,)`` non-negative weights of this rank's rows.
@@ -344,7 +348,7 @@ def fit_data_parallel(estimator, X_shard, y_shard, *, group=None, sample_weight=
         RuntimeError: ``torch.distributed`` is not initialised; the ranks ended with different
             weights (not expected: the solvers are deterministic).
         TypeError: ``estimator`` is not a ``SoftmaxClassifier``; and, on every rank, a rank's
-            non-numeric ``sample_weight`` or sparse ``X_shard``.
+            non-numeric ``sample_weight``.
         ValueError: on every rank, when any rank's input is invalid (the message names the
             rank): ``solver="sgd"``, invalid parameters, NaN/inf in ``X_shard``, mismatched
             lengths, continuous labels, different features or parameters on different ranks,
@@ -386,17 +390,19 @@ def fit_data_parallel(estimator, X_shard, y_shard, *, group=None, sample_weight=
     s = np.ones(N) if s is None else s
     counts = np.bincount(target, minlength=C).astype(np.float64)
     if est.class_weight is not None:
-        if est.class_weight == "balanced":
-            # n_samples / (n_classes * count_c), with the counts of all ranks (scikit-learn's rule)
-            counts_all = reducer.sum(counts, "class counts")
-            class_w = counts_all.sum() / (C * counts_all)
+        if isinstance(est.class_weight, str) and est.class_weight == "balanced":
+            # scikit-learn 1.9's rule with the summed sample weights of all ranks per class:
+            # sum s / (n_classes * sum_{class} s), 0 for a class of zero total weight
+            totals = reducer.sum(np.bincount(target, weights=s, minlength=C), "class weight totals")
+            class_w = np.where(totals > 0, totals.sum() / (C * np.where(totals > 0, totals, 1.0)), 0.0)
         else:
-            from sklearn.utils.class_weight import compute_class_weight
-
-            class_w = compute_class_weight(est.class_weight, classes=classes, y=classes)
+            class_w = _classifier._class_weights(est.class_weight, classes, target, s)
         s = s * class_w[target]
-    stats = reducer.sum(np.append(np.bincount(target, weights=s, minlength=C), counts.sum()), "class weights")
-    per_class, n_total = stats[:C], stats[C]
+    sparse = _linear_model.is_sparse(X)
+    local_work = float(X.nnz if sparse else X.shape[0] * D)  # multiply-adds per class of X @ W.T
+    stats = reducer.sum(np.append(np.bincount(target, weights=s, minlength=C), [counts.sum(), local_work]),
+                        "class weights")
+    per_class, n_total, total_work = stats[:C], stats[C], stats[C + 1]
     if not per_class.sum() > 0:
         raise ValueError("sample_weight (times class_weight) sums to zero over all ranks: nothing to fit")
     present = per_class > 0
@@ -408,16 +414,19 @@ def fit_data_parallel(estimator, X_shard, y_shard, *, group=None, sample_weight=
     W, b = est._initial_weights(classes, D)
     precision = est.precision
     if precision == "auto":
-        precision = "mixed" if est.solver == "lbfgs" and n_total * D * C >= _classifier._MIXED_MIN_WORK else "float64"
+        # as SoftmaxClassifier.fit: the work per evaluation over all ranks (N D C, sparse nnz C),
+        # and no float32 phase for float64 sparse data
+        work = total_work * C
+        cheap = X.dtype == np.float32 or not sparse
+        precision = ("mixed" if est.solver == "lbfgs" and cheap and work >= _classifier._MIXED_MIN_WORK
+                     else "float64")
     curve = _Curve(est, rank)
-    X64 = X.astype(np.float64, copy=False)
+    # float32 X is read as it is (no float64 copy; the float64 phase casts blocks of rows)
     if est.solver == "lbfgs":
-        X32 = None
-        if precision == "mixed":
-            X32 = X if X.dtype == np.float32 else X.astype(np.float32)
-        W, b, objective, converged = _fit_lbfgs(est, X64, X32, target, row_scale, W, b, reducer, curve)
+        X32 = _classifier._as_float32(X) if precision == "mixed" else None
+        W, b, objective, converged = _fit_lbfgs(est, X, X32, target, row_scale, W, b, reducer, curve)
     else:
-        W, b, objective, converged = _fit_gd(est, X64, target, row_scale, W, b, reducer, curve)
+        W, b, objective, converged = _fit_gd(est, X, target, row_scale, W, b, reducer, curve)
 
     # every rank ran the same solver on the same numbers; make sure they ended in the same place
     theta = _pack(W, b)
@@ -432,8 +441,8 @@ def fit_data_parallel(estimator, X_shard, y_shard, *, group=None, sample_weight=
             f"(tol={est.tol}) in fit_data_parallel; increase max_iter or tol, or standardise X.",
             ConvergenceWarning, stacklevel=2)
     est.classes_ = classes
-    est.coef_ = np.ascontiguousarray(W, dtype=np.float64)  # W is in coef_'s (C, D) layout
-    est.intercept_ = np.zeros(C) if b is None else np.asarray(b, dtype=np.float64).copy()
+    est.coef_ = np.ascontiguousarray(W, dtype=X.dtype)  # W is in coef_'s (C, D) layout; X's dtype, as fit
+    est.intercept_ = np.zeros(C, dtype=X.dtype) if b is None else np.array(b, dtype=X.dtype)
     est.loss_curve_ = np.asarray(curve.values, dtype=np.float64)
     est.n_iter_ = int(est.loss_curve_.shape[0])
     est.objective_ = float(objective)
