@@ -331,6 +331,7 @@ _MEASURE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a fresh interpreter importing transformers: ~15 s
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_peak_memory_lower_than_unpatched():
     # N x V float32 = 2 x 256 x 32000 x 4 B = 62.5 MiB; transformers holds the logits, their
@@ -345,3 +346,22 @@ def test_peak_memory_lower_than_unpatched():
     assert res["transformers"]["peak_extra_kib"] >= logits_kib, res  # the reference really holds N x V
     assert res["softgrad"]["peak_extra_kib"] < logits_kib, res
     assert 3 * res["softgrad"]["peak_extra_kib"] < res["transformers"]["peak_extra_kib"], res
+
+
+def test_docs_recipe_runs():
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "transformers.md").read_text()
+    code = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(compile(code, "docs/transformers.md", "exec"), scope)
+    assert scope["out"].logits is None and torch.isfinite(scope["out"].loss)
+
+
+def test_imports_without_transformers():
+    # softgrad.torch.integrations.transformers imports transformers only inside the patched calls
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "import softgrad.torch.integrations.transformers as m\n"
+            "import torch\n"
+            "try:\n    m.apply(torch.nn.Linear(2, 2))\nexcept TypeError as e:\n    print('TypeError', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "not supported" in out.stdout
