@@ -171,6 +171,17 @@ def test_generation_is_unchanged_and_signature_kept():
     assert torch.equal(model.generate(ids, **kw), stock.generate(ids, **kw))
 
 
+def test_activation_checkpointing():
+    stock = _model("qwen2", tied=False, seed=22)
+    stock.activation_checkpointing_enable()
+    model = sg_hf.apply(copy.deepcopy(stock))
+    assert model.is_activation_checkpointing
+    ids, labels = _batch(23)
+    ours = _run(model, lambda m: m(ids, labels=labels, use_cache=False).loss, 1.0)
+    ref = _run(stock, lambda m: _reference_loss(m, ids, labels), 1.0)
+    _assert_same(ours, ref, F64)
+
+
 def test_tuple_output_without_logits():
     stock = _model("mistral", tied=False, dtype=torch.float32, seed=12)
     model = sg_hf.apply(copy.deepcopy(stock))
@@ -247,7 +258,7 @@ def test_unsupported_models_raise_naming_supported_classes():
     assert sg_hf.is_applied(sg_hf.apply(Plain(_model("qwen2", tied=False).config)))
     odd_head = _model("llama", tied=False)
     odd_head.lm_head = torch.nn.Sequential(odd_head.lm_head)
-    with pytest.raises(TypeError, match="lm_head must be an nn.Linear"):
+    with pytest.raises(TypeError, match="lm_head must be a torch.nn.Linear"):
         sg_hf.apply(odd_head)
     with pytest.raises(TypeError, match="chunk_size"):
         sg_hf.apply(_model("llama", tied=False), chunk_size=2.0)

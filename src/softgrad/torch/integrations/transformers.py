@@ -123,7 +123,8 @@ def apply(model: nn.Module, *, chunk_size: int | None = None) -> nn.Module:
 
     Args:
         model: a transformers model of a class in :data:`SUPPORTED_MODELS` (e.g.
-            ``LlamaForCausalLM``) whose ``lm_head`` is an ``nn.Linear``.
+            ``LlamaForCausalLM``, or a subclass that keeps its ``forward``) whose ``lm_head`` is a
+            ``torch.nn.Linear``.
         chunk_size: rows per chunk for :func:`softgrad.torch.linear_cross_entropy`; default from
             :func:`softgrad.torch.choose_chunk_size`.
 
@@ -132,7 +133,8 @@ def apply(model: nn.Module, *, chunk_size: int | None = None) -> nn.Module:
 
     Raises:
         TypeError: ``model`` is not one of the supported classes, overrides their ``forward``, or
-            its ``lm_head`` is not an ``nn.Linear``; ``chunk_size`` is not an int.
+            its ``lm_head`` is not exactly a floating-point ``torch.nn.Linear``; ``chunk_size`` is not
+            an int.
         ValueError: ``chunk_size < 1``.
         RuntimeError: ``model.forward`` was replaced by someone else after an earlier ``apply``.
     """
@@ -142,10 +144,13 @@ def apply(model: nn.Module, *, chunk_size: int | None = None) -> nn.Module:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     family = _supported_class(model)
     head = getattr(model, "lm_head", None)
-    if not isinstance(head, nn.Linear):
+    # exactly nn.Linear: subclasses (quantised layers, float8 or LoRA-style wrappers) compute something else
+    if type(head) is not nn.Linear:
         raise TypeError(
-            f"model.lm_head must be an nn.Linear for softgrad's transformers integration, got {type(head).__name__}"
+            f"model.lm_head must be a torch.nn.Linear for softgrad's transformers integration, got {type(head).__name__}"
         )
+    if not head.weight.dtype.is_floating_point:
+        raise TypeError(f"model.lm_head.weight must be floating point, got {head.weight.dtype}")
     state = model.__dict__.get(_STATE)
     if state is not None:
         _check_own_forward(model, state)
@@ -249,7 +254,12 @@ def _fused_forward(model, state: _Patch, original, args, kwargs):
             raise RuntimeError(f"{type(model).__name__}.lm_head was called {len(seen)} times in one forward; "
                                "softgrad's transformers integration expects exactly one call")
         softcap = getattr(model.config, state.softcap_attr, None) if state.softcap_attr else None
-        return causal_lm_loss(seen[0], head.weight, labels, head.bias, num_items_in_batch=num_items_in_batch,
+        if head.weight.device.type == "meta":
+            raise RuntimeError("model.lm_head.weight is on the meta device (offloaded); softgrad's transformers "
+                               "integration needs it in memory")
+        # a model split over devices (device_map) may hand lm_head hidden states from another device
+        hidden = seen[0].to(head.weight.device)
+        return causal_lm_loss(hidden, head.weight, labels, head.bias, num_items_in_batch=num_items_in_batch,
                               ignore_index=ignore_index, shift_labels=shift_labels, softcap=softcap,
                               chunk_size=state.chunk_size)
 
