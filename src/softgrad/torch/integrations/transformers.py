@@ -57,8 +57,9 @@ import contextlib
 import functools
 import inspect
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -86,9 +87,8 @@ _STATE = "_softgrad_linear_cross_entropy"  # model attribute holding the _Patch
 
 @dataclass
 class _Patch:
-    """What ``apply`` installed: the supported class it matched and the caller's options."""
+    """What ``apply`` installed, and the caller's options."""
 
-    family: type
     softcap_attr: str | None
     chunk_size: int | None
     previous_forward: Any  # an instance-level ``forward`` that was there before, or None
@@ -147,7 +147,8 @@ def apply(model: nn.Module, *, chunk_size: int | None = None) -> nn.Module:
     # exactly nn.Linear: subclasses (quantised layers, float8 or LoRA-style wrappers) compute something else
     if type(head) is not nn.Linear:
         raise TypeError(
-            f"model.lm_head must be a torch.nn.Linear for softgrad's transformers integration, got {type(head).__name__}"
+            "model.lm_head must be a torch.nn.Linear for softgrad's transformers integration, "
+            f"got {type(head).__name__}"
         )
     if not head.weight.dtype.is_floating_point:
         raise TypeError(f"model.lm_head.weight must be floating point, got {head.weight.dtype}")
@@ -158,7 +159,7 @@ def apply(model: nn.Module, *, chunk_size: int | None = None) -> nn.Module:
         return model
     previous = model.__dict__.get("forward")
     bound = types.MethodType(_wrapped_forward(family), model)
-    object.__setattr__(model, _STATE, _Patch(family, SUPPORTED_MODELS[family.__name__], chunk_size, previous, bound))
+    object.__setattr__(model, _STATE, _Patch(SUPPORTED_MODELS[family.__name__], chunk_size, previous, bound))
     object.__setattr__(model, "forward", bound)
     return model
 
@@ -201,16 +202,15 @@ def applied(model: nn.Module, *, chunk_size: int | None = None) -> Iterator[nn.M
 
 def _check_own_forward(model, state: _Patch) -> None:
     current = model.__dict__.get("forward")
-    if current is not state.forward and not (
-        isinstance(current, types.MethodType) and current.__func__ is state.forward.__func__ and current.__self__ is model
-    ):
+    ours = isinstance(current, types.MethodType) and current.__func__ is state.forward.__func__
+    if not (ours and current.__self__ is model):
         raise RuntimeError(
             "model.forward was replaced after softgrad's transformers integration patched it; "
             "undo that wrapper first"
         )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _wrapped_forward(family: type):
     """The instance ``forward`` for models of ``family``; carries ``family.forward``'s signature.
 
@@ -242,6 +242,8 @@ def _fused_forward(model, state: _Patch, original, args, kwargs):
     if return_dict is None:  # as transformers' can_return_tuple decides
         return_dict = getattr(model.config, "return_dict", True)
     head = model.lm_head
+    if type(head) is not nn.Linear:  # replaced since apply()
+        raise TypeError(f"model.lm_head must be a torch.nn.Linear, got {type(head).__name__}")
     seen: list[torch.Tensor] = []
 
     def head_forward(hidden):
