@@ -375,6 +375,7 @@ def test_imports_and_refuses_models_without_transformers(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
     spec = importlib.util.spec_from_file_location("_softgrad_hf_probe", sg_hf.__file__)
     probe = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, probe)  # dataclasses look their module up there
     spec.loader.exec_module(probe)
     with pytest.raises(TypeError, match="Linear is not supported"):
         probe.apply(torch.nn.Linear(2, 2))
