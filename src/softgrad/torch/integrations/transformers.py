@@ -338,14 +338,17 @@ def causal_lm_loss(
 
 
 def _normalized_loss(hidden, weight, target, bias, num_items_in_batch, ignore_index, softcap, chunk_size):
-    """The one call of :func:`linear_cross_entropy`: the mean, or the sum over ``num_items_in_batch``."""
-    reduction = "mean" if num_items_in_batch is None else "sum"
-    loss = linear_cross_entropy(hidden, weight, target, bias, ignore_index=ignore_index, reduction=reduction,
+    """The one call of :func:`linear_cross_entropy`: the mean, or the sum over ``num_items_in_batch``.
+
+    ``num_items_in_batch`` goes in as the rule's ``normalizer``, so the division happens in
+    float32 inside the fused pass (its gradient factor too), not after a bf16 sum.
+    """
+    normalizer = None
+    if num_items_in_batch is not None:
+        normalizer = num_items_in_batch.to(hidden.device) if torch.is_tensor(num_items_in_batch) \
+            else float(num_items_in_batch)
+    loss = linear_cross_entropy(hidden, weight, target, bias, ignore_index=ignore_index, normalizer=normalizer,
                                 softcap=softcap, chunk_size=chunk_size)
     if loss.dtype in (torch.float16, torch.bfloat16):
         loss = loss.float()  # ForCausalLMLoss returns float32 for half-precision models
-    if num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
     return loss
