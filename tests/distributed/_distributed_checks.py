@@ -261,6 +261,36 @@ def ce_conformance_oracle(ctx):
 
 
 @check
+def ce_same_pass_statistics(ctx):
+    """Entropy, global argmax (ties across shards: the lowest class) and token accuracy equal the unsharded ones."""
+    m = Mismatches()
+    for widths in SPLITS[ctx.world]:
+        sh = ctx.shard(widths)
+        z, y, w, up = _problem(31, 6, ctx.device)
+        z[0, 2] = z[0, 9] = z[0].max() + 1.0  # a tie between columns on different shards (2 wins)
+        z[1, :] = -float("inf")
+        z[1, 10] = 0.0  # one finite class: zero entropy, argmax on the last shard
+        flags = dict(return_token_accuracy=True, return_predicted_tokens=True, return_entropy=True)
+        for opts in ({}, {"softcap": 3.0, "label_smoothing": 0.1}):
+            ours = vocab_parallel_cross_entropy(z[:, sh], y, **opts, **flags)
+            ref = cross_entropy(z, y, **opts, **flags)
+            m.close(f"entropy {widths} {opts}", ours.entropy, ref.entropy, **F64)
+            m.true(f"argmax {widths} {opts}", torch.equal(ours.predicted_tokens, ref.predicted_tokens))
+            m.true(f"tie to the lowest class {widths}", int(ours.predicted_tokens[0]) == 2)
+            m.close(f"accuracy {widths} {opts}", ours.token_accuracy, ref.token_accuracy)
+            m.close(f"loss {widths} {opts}", ours.loss, ref.loss, **F64)
+        h = torch.from_numpy(np.random.default_rng(5).normal(size=(6, 3))).to(ctx.device)
+        W = torch.from_numpy(np.random.default_rng(6).normal(size=(V, 3))).to(ctx.device)
+        ours = vocab_parallel_linear_cross_entropy(h, W[sh], y, chunk_size=4, **flags)
+        ref = linear_cross_entropy(h, W, y, **flags)
+        valid = y != -100
+        m.close(f"linear entropy {widths}", ours.entropy[valid], ref.entropy[valid], **F64)
+        m.true(f"linear argmax {widths}", torch.equal(ours.predicted_tokens[valid], ref.predicted_tokens[valid]))
+        m.close(f"linear accuracy {widths}", ours.token_accuracy, ref.token_accuracy)
+    m.raise_any()
+
+
+@check
 def ce_inplace_lse_and_retain_graph(ctx):
     """inplace_backward, return_lse, a second backward with retain_graph, no grad mode."""
     m = Mismatches()

@@ -85,6 +85,11 @@ def test_vocab_parallel_matches_the_conformance_oracle(world):
 
 
 @pytest.mark.parametrize("world", WORLDS)
+def test_vocab_parallel_same_pass_statistics(world):
+    _check(world, "ce_same_pass_statistics")
+
+
+@pytest.mark.parametrize("world", WORLDS)
 def test_vocab_parallel_inplace_backward_lse_retain_graph(world):
     _check(world, "ce_inplace_lse_and_retain_graph")
 

@@ -253,7 +253,7 @@ _COMPILE_FOR_H100 = textwrap.dedent("""
          {"X": "*bf16", "stride_x": "i32", "T": "*i64", "stride_t": "i32", "W": "*fp32", "P": "*fp32",
           "OUT": "*fp32", "n_rows": "i32", "n_cols": "i32", "class_offset": "i32", "num_classes": "i32"},
          dict(NEED_DOT=True, HAS_WEIGHT=True, PROB_TARGET=False, HAS_SOFTCAP=True, BLOCK=8192, ACC=tl.float32,
-              NEG_BIG=-3.4e38), 16),
+              NEG_BIG=-3.4e38, STATS=True), 16),
         ("grad", K._ce_grad_kernel,
          {"X": "*bf16", "stride_x": "i32", "G": "*bf16", "stride_g": "i32", "T": "*i64", "stride_t": "i32",
           "W": "*fp32", "P": "*fp32", "LSE": "*fp32", "COEF": "*fp32", "n_cols": "i32", "class_offset": "i32",

@@ -115,11 +115,11 @@ def _fail(op: str, what: str, group, exc: BaseException) -> CollectiveError:
         f"check the other ranks' output. Backend said: {first_line}")
 
 
-_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
 def all_reduce(tensor: torch.Tensor, op: str, group, what: str) -> torch.Tensor:
-    """In-place ``all_reduce`` (``op`` is ``"sum"`` or ``"max"``) of a contiguous tensor; returns it."""
+    """In-place ``all_reduce`` (``op`` is ``"sum"``, ``"max"`` or ``"min"``) of a contiguous tensor; returns it."""
     _note(f"all_reduce:{op}", what, str(tensor.dtype).removeprefix("torch."), tensor.numel(),
           tensor.numel() * tensor.element_size())
     try:

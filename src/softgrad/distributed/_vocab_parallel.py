@@ -187,6 +187,7 @@ class Combined(NamedTuple):
     loss: Tensor  #: the reduced loss ("none": per row), z-loss included
     z_part: Tensor  #: the z-loss part of ``loss``, reduced the same way
     kappa: Tensor  #: 0-d, the cross-entropy's reduction factor (the probability target's gradient needs it)
+    stats: Tensor | None = None  #: (2, N) entropy and global argmax (as float) of the full rows, if asked for
 
 
 def row_kernels(device: torch.device, kernel: str):
@@ -196,18 +197,20 @@ def row_kernels(device: torch.device, kernel: str):
 
 
 def _local_stats(logits: Tensor, target: Tensor, weight: Tensor | None, layout: Layout, *, label_smoothing: float,
-                 softcap: float | None, prob: bool, need_dot: bool, kernel: str):
+                 softcap: float | None, prob: bool, need_dot: bool, kernel: str, need_stats: bool = False):
     """``RowStats`` of this rank's columns (a zero-width shard contributes nothing)."""
     n_rows = logits.shape[0]
     cdt = compute_dtype(logits.dtype)
     if layout.width == 0:
         neg = torch.full((n_rows,), -math.inf, dtype=cdt, device=logits.device)
         zeros = torch.zeros(n_rows, dtype=cdt, device=logits.device)
-        return neg, neg.clone(), zeros, zeros.clone(), zeros.clone()
+        extra = (zeros.clone(), zeros.clone()) if need_stats else ()
+        return (neg, neg.clone(), zeros, zeros.clone(), zeros.clone()) + extra
     module, extra = row_kernels(logits.device, kernel)
-    return tuple(module.row_stats(logits, target, weight, class_offset=layout.offset,
-                                  num_classes=layout.num_classes, label_smoothing=label_smoothing, softcap=softcap,
-                                  prob_target=prob, need_dot=need_dot, **extra))
+    stats = module.row_stats(logits, target, weight, class_offset=layout.offset, num_classes=layout.num_classes,
+                             label_smoothing=label_smoothing, softcap=softcap, prob_target=prob, need_dot=need_dot,
+                             need_stats=need_stats, **extra)
+    return tuple(x for x in stats if x is not None)
 
 
 def _local_target_weight(target: Tensor, weight: Tensor | None, layout: Layout, cdt: torch.dtype) -> Tensor:
@@ -224,7 +227,8 @@ def _combine(stats, target: Tensor, weight_shard: Tensor | None, weight_full: Te
              group, *, prob: bool, ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
              need_dot: bool, what: str) -> Combined:
     """The two all-reduces of the module docstring, then loss, lse and gradient coefficients."""
-    m_k, log_d_k, s_y_k, dot_k, mass_k = stats
+    m_k, log_d_k, s_y_k, dot_k, mass_k = stats[:5]
+    need_stats = len(stats) > 5
     n_rows = m_k.shape[0]
     cdt = m_k.dtype
     eps = float(label_smoothing)
@@ -244,6 +248,10 @@ def _combine(stats, target: Tensor, weight_shard: Tensor | None, weight_full: Te
         # dot relative to the global max: sum_c u_c (s_c - M) = dot_k + mass_k (m_k - M); 0 where mass_k = 0
         columns.append(torch.where(mass_k == 0, dot_k, dot_k + mass_k * (m_safe - M_safe)))
         columns.append(mass_k)
+    if need_stats:
+        # the entropy's numerator relative to the global max: exp(m_k - M) (ent_k + (m_k - M) d_k)
+        ent_k = stats[5]
+        columns.append(torch.exp(m_safe - M_safe) * (ent_k + (m_safe - M_safe) * torch.exp(log_d_k)))
     block = _comm.all_reduce(torch.stack(columns, dim=1).contiguous(), "sum", group, f"{what} row sums")
     sums = iter(block.unbind(dim=1))
     log_d = torch.log(next(sums))
@@ -277,7 +285,15 @@ def _combine(stats, target: Tensor, weight_shard: Tensor | None, weight_full: Te
                                                  num_classes=V), dim=1)
     z_rows = _rule.z_loss_rows(lse, z_loss, valid)
     loss, z_part = _rule.reduce_rows(ce, z_rows, reduction, count, denom)
-    return Combined(lse, ce, z_rows, coeffs, loss, z_part, kappa)
+    row_stats = None
+    if need_stats:
+        entropy = log_d - block[:, -1] / torch.exp(log_d)
+        # the global argmax: the lowest global column among the shards that hold the row's max
+        nowhere = torch.full((n_rows,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=m_k.device)
+        candidate = torch.where(m_k == M, stats[6].to(torch.int64) + layout.offset, nowhere)
+        argmax = _comm.all_reduce(candidate, "min", group, f"{what} argmax")
+        row_stats = torch.stack([entropy, argmax.to(cdt)])
+    return Combined(lse, ce, z_rows, coeffs, loss, z_part, kappa, row_stats)
 
 
 def _check_rows(lse: Tensor, what: str) -> None:
@@ -301,28 +317,29 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, weight_shard, weight_full, layout, group, ignore_index, reduction,
-                label_smoothing, z_loss, softcap, inplace_backward, kernel):
+                label_smoothing, z_loss, softcap, inplace_backward, kernel, with_stats):
         prob = target.is_floating_point()
         need_dot = prob or label_smoothing > 0.0
         with _tv.autocast_off(logits.device):
             stats = _local_stats(logits, target, weight_shard, layout, label_smoothing=label_smoothing,
-                                 softcap=softcap, prob=prob, need_dot=need_dot, kernel=kernel)
+                                 softcap=softcap, prob=prob, need_dot=need_dot, kernel=kernel, need_stats=with_stats)
             out = _combine(stats, target, weight_shard, weight_full, layout, group, prob=prob,
                            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                            z_loss=z_loss, need_dot=need_dot, what="vocab_parallel_cross_entropy")
         _check_rows(out.lse, "logits")
-        ctx.mark_non_differentiable(out.z_part, out.lse)
+        stats = out.stats if out.stats is not None else out.lse.new_empty(0)
+        ctx.mark_non_differentiable(out.z_part, out.lse, stats)
         ctx.set_materialize_grads(False)
         ctx.layout, ctx.prob, ctx.reduction = layout, prob, reduction
         ctx.label_smoothing, ctx.softcap, ctx.inplace = label_smoothing, softcap, inplace_backward
         ctx.kernel, ctx.consumed = kernel, False
         ctx.save_for_backward(logits, target, weight_shard, out.lse, out.coeffs, out.kappa)
-        return out.loss, out.z_part, out.lse
+        return out.loss, out.z_part, out.lse, stats
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_z, _grad_lse):
+    def backward(ctx, grad_loss, _grad_z, _grad_lse, _grad_stats):
         if grad_loss is None:
-            return (None,) * 13
+            return (None,) * 14
         _refuse_double_backward("vocab_parallel_cross_entropy")
         logits, target, weight_shard, lse, coeffs, kappa = ctx.saved_tensors
         layout = ctx.layout
@@ -348,7 +365,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
                                  class_offset=layout.offset, num_classes=layout.num_classes,
                                  label_smoothing=ctx.label_smoothing, softcap=ctx.softcap, prob_target=ctx.prob,
                                  **extra)
-        return (grad_logits, grad_target) + (None,) * 11
+        return (grad_logits, grad_target) + (None,) * 12
 
 
 def _refuse_double_backward(what: str) -> None:
@@ -422,6 +439,9 @@ def vocab_parallel_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     return_lse: bool = False,
+    return_token_accuracy: bool = False,
+    return_predicted_tokens: bool = False,
+    return_entropy: bool = False,
     inplace_backward: bool = False,
 ) -> Tensor | CrossEntropyOutput:
     r"""Cross-entropy of logits whose classes are split across the ranks of a process group.
@@ -469,6 +489,10 @@ def vocab_parallel_cross_entropy(
         softcap: ``c > 0`` applies :math:`c \tanh(z / c)` to the logits first (Gemma 2).
         return_lse: also return the per-row ``lse`` (``(N,)``, float32, float64 for float64)
             and the z-loss part, as :class:`softgrad.torch.CrossEntropyOutput`.
+        return_token_accuracy, return_predicted_tokens, return_entropy: also return the full
+            rows' same-pass statistics of :func:`softgrad.torch.cross_entropy` (the same on every
+            rank; the global argmax as a class index). Costs one more entry per row in the sum
+            all-reduce and one min all-reduce of ``N`` int64; every rank must ask for the same.
         inplace_backward: the backward writes the gradient over ``logits_shard``'s memory and
             hands that buffer on (no ``(N, V_k)`` allocation); the logits must be C-contiguous
             and not a leaf, and the graph can be back-propagated once.
@@ -508,6 +532,12 @@ def vocab_parallel_cross_entropy(
     """
     prob, opts = _validate(logits_shard, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
                            return_lse, inplace_backward)
+    _tv.check_flags(return_token_accuracy=return_token_accuracy, return_predicted_tokens=return_predicted_tokens,
+                    return_entropy=return_entropy)
+    if return_token_accuracy and prob:
+        raise ValueError("return_token_accuracy needs class-index targets; with probability targets compare "
+                         "predicted_tokens (return_predicted_tokens=True) with your own labels")
+    with_stats = return_token_accuracy or return_predicted_tokens or return_entropy
     group, rank, world = _comm.resolve_group(group)
     logits = logits_shard if logits_shard.stride(-1) == 1 or logits_shard.shape[1] <= 1 else logits_shard.contiguous()
     target_rows = target.contiguous() if prob else target.to(torch.int64).contiguous()
@@ -524,8 +554,8 @@ def vocab_parallel_cross_entropy(
                              "needs; use inplace_backward=False")
     options = (opts.ignore_index, opts.reduction, opts.label_smoothing, opts.z_loss, opts.softcap)
     layout = _agree(group, rank, world, rows=logits.shape[0], width=logits.shape[1], prob=prob, dtype=logits.dtype,
-                    options=options, target=target_rows, ignore_index=int(ignore_index), weight=weight, extra=0,
-                    device=logits.device, what="logits_shard")
+                    options=options + (with_stats,), target=target_rows, ignore_index=int(ignore_index),
+                    weight=weight, extra=0, device=logits.device, what="logits_shard")
     weight_shard = weight_full = None
     if weight is not None:
         cdt = compute_dtype(logits.dtype)
@@ -536,13 +566,16 @@ def vocab_parallel_cross_entropy(
             weight_shard = weight.detach().to(cdt)[layout.offset:layout.offset + layout.width].contiguous()
         else:
             weight_shard = weight.detach().to(cdt).contiguous()
-    loss, z_part, lse = _VocabParallelCrossEntropy.apply(
+    loss, z_part, lse, stats = _VocabParallelCrossEntropy.apply(
         logits, target_rows, weight_shard, weight_full, layout, group, *options, bool(inplace_backward),
-        _settings.get_kernel())
+        _settings.get_kernel(), with_stats)
     out_dtype = logits_shard.dtype
     if out_dtype in (torch.float16, torch.bfloat16) and _tv.autocast_enabled(logits_shard.device):
         out_dtype = torch.float32  # autocast runs cross-entropy in float32
     loss = loss.to(out_dtype)
-    if not return_lse:
+    if not (return_lse or with_stats):
         return loss
-    return CrossEntropyOutput(loss, lse, z_part.to(out_dtype))
+    extra = {} if not with_stats else _cross_entropy._statistics(
+        stats, target_rows, opts.ignore_index, (logits.shape[0],), accuracy=return_token_accuracy,
+        predictions=return_predicted_tokens, entropy=return_entropy)
+    return CrossEntropyOutput(loss, lse, z_part.to(out_dtype), **extra)

@@ -50,6 +50,7 @@ from softgrad.distributed._vocab_parallel import (
     row_kernels,
 )
 from softgrad.torch import _settings
+from softgrad.torch._cross_entropy import CrossEntropyOutput, _statistics
 from softgrad.torch._linear_cross_entropy import choose_chunk_size
 from softgrad.torch._torch_cross_entropy import compute_dtype
 from softgrad.torch import _validation as _tv
@@ -70,11 +71,11 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, layout: Layout, group, ignore_index, reduction, label_smoothing,
-                z_loss, softcap, chunk_size, kernel):
+                z_loss, softcap, chunk_size, kernel, with_stats):
         n_rows = hidden.shape[0]
         cdt = compute_dtype(hidden.dtype)
         need_dot = label_smoothing > 0.0
-        stats = [torch.zeros(n_rows, dtype=cdt, device=hidden.device) for _ in range(5)]
+        stats = [torch.zeros(n_rows, dtype=cdt, device=hidden.device) for _ in range(7 if with_stats else 5)]
         if layout.width == 0:
             stats[0].fill_(-math.inf)
             stats[1].fill_(-math.inf)
@@ -85,22 +86,24 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
                 z = _chunk_logits(hidden, weight, bias, rows)
                 chunk = module.row_stats(z, target[rows], None, class_offset=layout.offset,
                                          num_classes=layout.num_classes, label_smoothing=label_smoothing,
-                                         softcap=softcap, prob_target=False, need_dot=need_dot, **extra)
+                                         softcap=softcap, prob_target=False, need_dot=need_dot,
+                                         need_stats=with_stats, **extra)
                 for buf, part in zip(stats, chunk):
                     buf[rows] = part
         out = _combine(stats, target, None, None, layout, group, prob=False, ignore_index=ignore_index,
                        reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, need_dot=need_dot,
                        what="vocab_parallel_linear_cross_entropy")
         _check_rows(out.lse, "the logits hidden @ weight_shard.T + bias_shard")
-        ctx.mark_non_differentiable(out.z_part, out.lse)
+        row_stats = out.stats if out.stats is not None else out.lse.new_empty(0)
+        ctx.mark_non_differentiable(out.z_part, out.lse, row_stats)
         ctx.set_materialize_grads(False)
         ctx.layout, ctx.group, ctx.chunk_size, ctx.kernel = layout, group, chunk_size, kernel
         ctx.label_smoothing, ctx.softcap = label_smoothing, softcap
         ctx.save_for_backward(hidden, weight, bias, target, out.lse, out.coeffs)
-        return out.loss, out.z_part, out.lse
+        return out.loss, out.z_part, out.lse, row_stats
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_z, _grad_lse):
+    def backward(ctx, grad_loss, _grad_z, _grad_lse, _grad_stats):
         _refuse_double_backward("vocab_parallel_linear_cross_entropy")
         hidden, weight, bias, target, lse, coeffs = ctx.saved_tensors
         layout = ctx.layout
@@ -136,7 +139,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             grad_h = grad_h.to(hidden.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
-        return (grad_h, grad_w, grad_b) + (None,) * 10
+        return (grad_h, grad_w, grad_b) + (None,) * 11
 
 
 def _validate(hidden, weight, target, bias, reduction, ignore_index, label_smoothing, z_loss, softcap,
@@ -188,7 +191,11 @@ def vocab_parallel_linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
-) -> Tensor:
+    return_lse: bool = False,
+    return_token_accuracy: bool = False,
+    return_predicted_tokens: bool = False,
+    return_entropy: bool = False,
+) -> Tensor | CrossEntropyOutput:
     r"""Cross-entropy of ``hidden @ W.T + b`` with the rows of ``W`` (the classes) split across ranks.
 
     Rank ``k`` of ``group`` holds rows ``[o_k, o_k + V_k)`` of the ``(V, D)`` output weight
@@ -224,6 +231,10 @@ def vocab_parallel_linear_cross_entropy(
         z_loss: :math:`\zeta \ge 0`, adds :math:`\zeta \operatorname{lse}^2` per row (PaLM).
         softcap: ``c > 0`` applies :math:`c \tanh(z / c)` to the logits first (Gemma 2).
         chunk_size: rows per chunk; default :func:`softgrad.torch.choose_chunk_size` for ``V_k`` columns.
+        return_lse, return_token_accuracy, return_predicted_tokens, return_entropy: also return the
+            full rows' lse, z-loss part and same-pass statistics (detached, the same on every rank)
+            as a :class:`softgrad.torch.CrossEntropyOutput`, as
+            :func:`softgrad.distributed.vocab_parallel_cross_entropy` does.
 
     Returns:
         The loss in ``hidden``'s dtype (under autocast: the dtype ``hidden`` had before the
@@ -255,6 +266,9 @@ def vocab_parallel_linear_cross_entropy(
     """
     opts = _validate(hidden, weight_shard, target, bias_shard, reduction, ignore_index, label_smoothing, z_loss,
                      softcap, chunk_size)
+    _tv.check_flags(return_lse=return_lse, return_token_accuracy=return_token_accuracy,
+                    return_predicted_tokens=return_predicted_tokens, return_entropy=return_entropy)
+    with_stats = return_token_accuracy or return_predicted_tokens or return_entropy
     group, rank, world = _comm.resolve_group(group)
     device_type = hidden.device.type
     out_dtype = hidden.dtype
@@ -269,15 +283,22 @@ def vocab_parallel_linear_cross_entropy(
     options = (opts.ignore_index, opts.reduction, opts.label_smoothing, opts.z_loss, opts.softcap)
     with_grad = torch.is_grad_enabled() and h2.requires_grad
     # what every rank must agree on besides the options: D, a bias or not, a gradient for hidden or not
-    extra = zlib.crc32(repr((h2.shape[1], bias_shard is not None, with_grad)).encode())
+    extra = zlib.crc32(repr((h2.shape[1], bias_shard is not None, with_grad, with_stats)).encode())
     layout = _agree(group, rank, world, rows=h2.shape[0], width=weight_shard.shape[0], prob=False, dtype=h2.dtype,
                     options=options, target=t1, ignore_index=int(ignore_index), weight=None, extra=extra,
                     device=h2.device, what="hidden")
     if chunk_size is None:
         chunk_size = choose_chunk_size(h2.shape[0], max(layout.width, 1), h2.device, softcap=softcap is not None)
     with _tv.autocast_off(hidden.device):
-        loss, _z_part, _lse = _VocabParallelLinearCrossEntropy.apply(
-            h2, weight_shard, bias_shard, t1, layout, group, *options, int(chunk_size), _settings.get_kernel())
+        loss, z_part, lse, stats = _VocabParallelLinearCrossEntropy.apply(
+            h2, weight_shard, bias_shard, t1, layout, group, *options, int(chunk_size), _settings.get_kernel(),
+            with_stats)
     if reduction == "none":
-        loss = loss.reshape(batch_shape)
-    return loss.to(out_dtype)
+        loss, z_part = loss.reshape(batch_shape), z_part.reshape(batch_shape)
+    loss = loss.to(out_dtype)
+    if not (return_lse or with_stats):
+        return loss
+    extra = {} if not with_stats else _statistics(stats, t1, opts.ignore_index, tuple(batch_shape),
+                                                  accuracy=return_token_accuracy,
+                                                  predictions=return_predicted_tokens, entropy=return_entropy)
+    return CrossEntropyOutput(loss, lse.reshape(batch_shape), z_part.to(out_dtype), **extra)

@@ -58,6 +58,11 @@ class RowStats(NamedTuple):
     target_logit: Tensor  #: s_y if the row's target class lies in the shard, else 0
     dot: Tensor  #: sum_c u_c (s_c - m); 0 unless asked for (need_dot)
     mass: Tensor  #: sum_c u_c; 0 unless asked for (need_dot)
+    #: sum_c e_c (s_c - m) with e_c = exp(s_c - m), for the entropy (need_stats; None otherwise).
+    #: Over shards: T_M = sum_k exp(m_k - M) (ent_k + (m_k - M) d_k), entropy = log D - T_M / D.
+    ent: Tensor | None = None
+    #: the shard's argmax as a local column index, float (need_stats; None otherwise)
+    argmax: Tensor | None = None
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -99,7 +104,7 @@ def _masked_dot(u: Tensor, shifted: Tensor) -> Tensor:
 
 def row_stats(logits: Tensor, target: Tensor, weight: Tensor | None, *, class_offset: int = 0,
               num_classes: int | None = None, label_smoothing: float = 0.0, softcap: float | None = None,
-              prob_target: bool = False, need_dot: bool = False) -> RowStats:
+              prob_target: bool = False, need_dot: bool = False, need_stats: bool = False) -> RowStats:
     """One pass over ``logits (N, C_local)``: the per-row :class:`RowStats`.
 
     For vocabulary-parallel use the logits may be a shard of the classes: column ``j`` is
@@ -108,12 +113,12 @@ def row_stats(logits: Tensor, target: Tensor, weight: Tensor | None, *, class_of
     ``target_logit = 0``; leaving out ignored rows is the caller's business) or, for ``prob_target``, the shard's
     ``(N, C_local)`` probabilities. ``weight`` is the shard's ``(C_local,)`` slice or None.
     ``dot``/``mass`` are computed only with ``need_dot`` (label smoothing or probability
-    targets); they are 0 otherwise.
+    targets); they are 0 otherwise. ``ent``/``argmax`` only with ``need_stats``.
     """
     n_rows, n_cols = logits.shape
     cdt = compute_dtype(logits.dtype)
     num_classes = n_cols if num_classes is None else num_classes
-    out = [torch.zeros(n_rows, dtype=cdt, device=logits.device) for _ in range(5)]
+    out = [torch.zeros(n_rows, dtype=cdt, device=logits.device) for _ in range(7 if need_stats else 5)]
     for rows in _chunks(n_rows, n_cols):
         s, _ = _scores(logits[rows].to(cdt), softcap)
         m = s.amax(dim=1)
@@ -131,6 +136,10 @@ def row_stats(logits: Tensor, target: Tensor, weight: Tensor | None, *, class_of
                              num_classes, cdt, logits.device)
             out[3][rows] = _masked_dot(u, shifted)
             out[4][rows] = u.sum(dim=1).expand(m.shape[0])
+        if need_stats:
+            e = torch.exp(shifted)
+            out[5][rows] = torch.where(e == 0, torch.zeros((), dtype=cdt, device=e.device), e * shifted).sum(dim=1)
+            out[6][rows] = s.argmax(dim=1).to(cdt)
     return RowStats(*out)
 
 

@@ -364,15 +364,16 @@ def _ce_one_pass_kernel(X, stride_x, G, stride_g, T, stride_t, W, P, RS, LOSS, L
 @triton.jit(do_not_specialize=["stride_x", "stride_t", "n_cols", "class_offset", "num_classes"])
 def _ce_stats_kernel(X, stride_x, T, stride_t, W, P, OUT, n_rows, n_cols, class_offset, num_classes,
                      NEED_DOT: tl.constexpr, HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr,
-                     HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, NEG_BIG: tl.constexpr):
-    """:func:`row_stats`: OUT is ``(5, N)``: max, log_sum, target_logit, dot, mass."""
+                     HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, NEG_BIG: tl.constexpr,
+                     STATS: tl.constexpr):
+    """:func:`row_stats`: OUT is ``(5, N)``: max, log_sum, target_logit, dot, mass (+ ent, argmax with STATS)."""
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
     t_row = T + row * stride_t
     eps = tl.load(P + 2)
     cap = tl.load(P + 4)
-    m, d, dot, mass, _ent, _arg = _stats_loop(x_row, t_row, W, n_cols, cap, eps, num_classes, NEED_DOT,
-                                              HAS_WEIGHT, PROB_TARGET, HAS_SOFTCAP, BLOCK, ACC, NEG_BIG, False)
+    m, d, dot, mass, ent, arg = _stats_loop(x_row, t_row, W, n_cols, cap, eps, num_classes, NEED_DOT,
+                                            HAS_WEIGHT, PROB_TARGET, HAS_SOFTCAP, BLOCK, ACC, NEG_BIG, STATS)
     all_neg_inf = d == 0.0
     tl.store(OUT + row, tl.where(all_neg_inf, float("-inf"), m))
     tl.store(OUT + n_rows + row, tl.log(d))
@@ -388,6 +389,9 @@ def _ce_stats_kernel(X, stride_x, T, stride_t, W, P, OUT, n_rows, n_cols, class_
     tl.store(OUT + 2 * n_rows + row, s_y)
     tl.store(OUT + 3 * n_rows + row, dot)
     tl.store(OUT + 4 * n_rows + row, mass)
+    if STATS:
+        tl.store(OUT + 5 * n_rows + row, ent)
+        tl.store(OUT + 6 * n_rows + row, arg.to(ACC))
 
 
 @triton.jit(do_not_specialize=["stride_x", "stride_g", "stride_t", "n_cols", "class_offset", "num_classes"])
@@ -505,20 +509,21 @@ def forward(logits: Tensor, target: Tensor, weight: Tensor | None, scales: Tenso
 
 def row_stats(logits: Tensor, target: Tensor, weight: Tensor | None, *, class_offset: int = 0,
               num_classes: int | None = None, label_smoothing: float = 0.0, softcap: float | None = None,
-              prob_target: bool = False, need_dot: bool = False, config: KernelConfig | None = None) -> RowStats:
+              prob_target: bool = False, need_dot: bool = False, need_stats: bool = False,
+              config: KernelConfig | None = None) -> RowStats:
     """One pass over the rows; arguments and results as ``_torch_cross_entropy.row_stats``."""
     _check_device(logits)
     n_rows, n_cols = logits.shape
     cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
     params = _params(None, label_smoothing, 0.0, softcap, cdt, logits.device)
-    out = torch.zeros(5, n_rows, dtype=cdt, device=logits.device)
+    out = torch.zeros(7 if need_stats else 5, n_rows, dtype=cdt, device=logits.device)
     _, block, warps = _resolve(_two_pass(config), n_cols, logits.element_size())
     _ce_stats_kernel[(n_rows,)](
         logits, logits.stride(0), target, target.stride(0) if prob_target else 0,
         weight if weight is not None else params, params, out, n_rows, n_cols, int(class_offset),
         int(n_cols if num_classes is None else num_classes),
         NEED_DOT=need_dot, HAS_WEIGHT=weight is not None, PROB_TARGET=prob_target, HAS_SOFTCAP=softcap is not None,
-        BLOCK=block, ACC=_acc(cdt), NEG_BIG=_NEG_BIG[cdt], num_warps=warps)
+        BLOCK=block, ACC=_acc(cdt), NEG_BIG=_NEG_BIG[cdt], STATS=need_stats, num_warps=warps)
     return RowStats(*out.unbind(0))
 
 
