@@ -782,11 +782,16 @@ class CrossEntropyLoss(nn.Module):
 
     def __init__(self, *, weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                  label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,
-                 return_lse: bool = False, inplace_backward: bool = False) -> None:
+                 return_lse: bool = False, return_token_accuracy: bool = False, return_predicted_tokens: bool = False,
+                 return_entropy: bool = False, inplace_backward: bool = False) -> None:
         super().__init__()
         _rule.CrossEntropyOptions.checked(ignore_index=ignore_index, reduction=reduction,
                                           label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
-        _tv.check_flags(return_lse=return_lse, inplace_backward=inplace_backward)
+        _tv.check_flags(return_lse=return_lse, inplace_backward=inplace_backward,
+                        return_token_accuracy=return_token_accuracy, return_predicted_tokens=return_predicted_tokens,
+                        return_entropy=return_entropy)
+        self.statistics = dict(return_token_accuracy=return_token_accuracy,
+                               return_predicted_tokens=return_predicted_tokens, return_entropy=return_entropy)
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -800,7 +805,7 @@ class CrossEntropyLoss(nn.Module):
         return cross_entropy(logits, target, weight=self.weight, ignore_index=self.ignore_index,
                              reduction=self.reduction, label_smoothing=self.label_smoothing, z_loss=self.z_loss,
                              softcap=self.softcap, return_lse=self.return_lse,
-                             inplace_backward=self.inplace_backward)
+                             inplace_backward=self.inplace_backward, **self.statistics)
 
     def extra_repr(self) -> str:
         return (f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "

@@ -537,7 +537,9 @@ class LinearCrossEntropyLoss(nn.Module):
     """``nn.Module`` form of :func:`linear_cross_entropy`; ``forward(hidden, weight, target, bias=None)``.
 
     The weight is passed to ``forward`` (not owned), so the module works with a tied
-    embedding or an ``nn.Linear`` head's ``weight`` alike.
+    embedding or an ``nn.Linear`` head's ``weight`` alike. Every keyword of
+    :func:`linear_cross_entropy` but the per-batch ``token_weight``/``normalizer`` is a
+    constructor argument; ``class_weight`` is a buffer.
 
     Examples:
         >>> loss_fn = LinearCrossEntropyLoss(label_smoothing=0.1)
@@ -547,22 +549,27 @@ class LinearCrossEntropyLoss(nn.Module):
     """
 
     def __init__(self, *, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                 z_loss: float = 0.0, softcap: float | None = None, chunk_size: int | None = None) -> None:
+                 z_loss: float = 0.0, softcap: float | None = None, class_weight: torch.Tensor | None = None,
+                 shift: bool = False, accum_dtype: torch.dtype | None = None, return_lse: bool = False,
+                 return_token_accuracy: bool = False, return_predicted_tokens: bool = False,
+                 return_entropy: bool = False, chunk_size: int | None = None) -> None:
         super().__init__()
         _rule.CrossEntropyOptions.checked(ignore_index=ignore_index, reduction=reduction,
                                           label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
-        self.z_loss = z_loss
-        self.softcap = softcap
-        self.chunk_size = chunk_size
+        _tv.check_flags(shift=shift, return_lse=return_lse, return_token_accuracy=return_token_accuracy,
+                        return_predicted_tokens=return_predicted_tokens, return_entropy=return_entropy)
+        self.register_buffer("class_weight", class_weight)
+        self.options = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                            z_loss=z_loss, softcap=softcap, shift=shift, accum_dtype=accum_dtype,
+                            return_lse=return_lse, return_token_accuracy=return_token_accuracy,
+                            return_predicted_tokens=return_predicted_tokens, return_entropy=return_entropy,
+                            chunk_size=chunk_size)
 
     def forward(self, hidden, weight, target, bias=None):
-        return linear_cross_entropy(hidden, weight, target, bias, ignore_index=self.ignore_index,
-                                    reduction=self.reduction, label_smoothing=self.label_smoothing,
-                                    z_loss=self.z_loss, softcap=self.softcap, chunk_size=self.chunk_size)
+        return linear_cross_entropy(hidden, weight, target, bias, class_weight=self.class_weight, **self.options)
 
     def extra_repr(self) -> str:
-        return (f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
-                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}")
+        shown = ("reduction", "ignore_index", "label_smoothing", "z_loss", "softcap", "shift")
+        return ", ".join(f"{k}={self.options[k]!r}" for k in shown)
+
+
