@@ -9,10 +9,13 @@ token under the policy, often its entropy, and gradients through both. With
     H     = lse - sum_c p_c s_c                entropy of p = softmax(s)
 
 Both are computed relative to the row max ``m`` so that nothing cancels: with
-``e_c = exp(s_c - m)``, ``d = sum_c e_c`` and ``q = sum_c e_c (s_c - m) <= 0``::
+``e_c = exp(s_c - m)``, ``d = sum_c e_c = 1 + r`` (``r`` the sum without one maximal entry)
+and ``q = sum_c e_c (s_c - m) <= 0``::
 
-    logp  = (s_y - m) - log d                  (a sum of two non-positive terms)
-    H     = log d - q / d                      (a sum of two non-negative terms)
+    logp  = (s_y - m) - log1p(r)               (a sum of two non-positive terms)
+    H     = log1p(r) - q / (1 + r)             (a sum of two non-negative terms)
+
+so both keep their relative accuracy even for a near-certain token (``logp ~ -1e-20``).
 
 The rows are walked in chunks of ``n``: the forward computes one chunk's ``(n, V)`` logits,
 reduces them to ``(m, d, s_y, q)`` and drops them; the backward recomputes them (one more
@@ -72,15 +75,21 @@ def _scaled_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, rows: sl
 
 
 def _row_stats(s: Tensor, y_local: Tensor, y_here: Tensor, want_q: bool):
-    """Per row of ``s`` (overwritten by ``s - m``): ``m``, ``d = sum e``, ``s_y - m`` (0 where ``y`` is not
-    in these columns), and with ``want_q`` ``q = sum_c e_c (s_c - m)`` (else None); ``e = exp(s - m)``."""
-    m = s.amax(dim=1)
+    """Per row of ``s`` (overwritten by ``s - m``): ``m``, ``r = d - 1``, ``s_y - m`` (0 where ``y`` is not in
+    these columns) and, with ``want_q``, ``q = sum_c e_c (s_c - m)`` (else None); ``e = exp(s - m)``.
+
+    ``r`` is the sum of ``e`` without one maximal entry (whose ``e`` is exactly 1), so that
+    ``log d = log1p(r)`` keeps its relative accuracy for a near-certain row: there ``logp`` is
+    ``-1e-20``, not a rounded 0, and the entropy keeps all its digits too.
+    """
+    m, top = s.max(dim=1)
     s.sub_(m[:, None])
     s_y = torch.where(y_here, s.gather(1, y_local[:, None]).squeeze(1), torch.zeros_like(m))
     e = torch.exp(s)
-    d = e.sum(dim=1)
+    e.scatter_(1, top[:, None], 0.0)  # the max entry contributes 1 to d, and 0 to q either way
+    rest = e.sum(dim=1)
     q = torch.linalg.vecdot(e, s, dim=1) if want_q else None
-    return m, d, s_y, q
+    return m, rest, s_y, q
 
 
 # The backward's gradient, for one chunk. With L = sum_i (g_i logp_i + k_i H_i) (g, k the
@@ -210,13 +219,13 @@ class _LinearLogprobs(torch.autograd.Function):
         for start in range(0, n_rows, chunk_size):
             rows = slice(start, min(start + chunk_size, n_rows))
             s = _scaled_logits(hidden, weight, bias, rows, temp, cdt)
-            m, d, s_y, q = _row_stats(s, y_safe[rows], valid[rows], want_entropy)
+            m, rest, s_y, q = _row_stats(s, y_safe[rows], valid[rows], want_entropy)
             del s
-            log_d = torch.log(d)
+            log_d = torch.log1p(rest)  # d = 1 + rest
             logp[rows] = s_y - log_d
             lse[rows] = m + log_d
             if want_entropy:
-                ent[rows] = log_d - q / d
+                ent[rows] = log_d - q / (1.0 + rest)
         zero = torch.zeros((), dtype=cdt, device=hidden.device)
         logp = torch.where(valid, logp, zero)
         ent = torch.where(valid, ent, zero) if want_entropy else torch.zeros_like(logp)
