@@ -279,7 +279,7 @@ def test_inputs_are_left_unchanged_and_no_grad_inference():
 
 
 def test_torch_func_grad_vmap_and_forward_ad():
-    h, w, b, t = _inputs(20, shape=(6,), n_ignored=1)
+    h, w, _, t = _inputs(20, shape=(6,), n_ignored=1)
     up = torch.randn(6, generator=_gen(21), dtype=torch.float64)
 
     def loss(h, w):
@@ -453,3 +453,27 @@ def test_peak_memory_never_holds_the_logits():
     assert res["unfused"]["peak_extra_kib"] >= logits_kib, res
     assert res["ours"]["peak_extra_kib"] < logits_kib // 3, res
     assert 4 * res["ours"]["peak_extra_kib"] < res["unfused"]["peak_extra_kib"], res
+
+
+def test_docs_rl_head_example_runs():
+    # the README section's example (docs/rl_head.md) runs and its own assertions hold
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "rl_head.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    assert len(blocks) == 1
+    namespace: dict = {}
+    exec(compile(blocks[0], "docs/rl_head.md", "exec"), namespace)  # noqa: S102
+    assert namespace["hidden"].grad is not None and namespace["head"].weight.grad is not None
+
+
+def test_forward_mode_ad_keeps_the_value_checks():
+    import torch.autograd.forward_ad as fwad
+
+    h, w, b, t = _inputs(30, shape=(5,), n_ignored=0)
+    with fwad.dual_level():
+        dual = fwad.make_dual(h.detach(), torch.ones_like(h))
+        out = linear_logprobs(dual, w.detach(), t, return_entropy=True)
+        assert fwad.unpack_dual(out.entropy).tangent is not None
+        with pytest.raises(ValueError, match="target contains class index 13"):
+            linear_logprobs(dual, w.detach(), torch.full_like(t, 13))

@@ -41,7 +41,13 @@ from torch import Tensor
 
 from softgrad import _cross_entropy_rule as _rule
 from softgrad.distributed import _comm
-from softgrad.distributed._vocab_parallel import Layout, _agree, _check_rows, _refuse_double_backward, _target_checksum
+from softgrad.distributed._vocab_parallel import (
+    Layout,
+    _agree,
+    _check_rows,
+    _refuse_double_backward,
+    _target_checksum,
+)
 from softgrad.torch import _validation as _tv
 from softgrad.torch._linear_cross_entropy import choose_chunk_size
 from softgrad.torch._linear_logprobs import (
