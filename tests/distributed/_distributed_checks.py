@@ -622,6 +622,76 @@ def vocab_parallel_example(ctx):
     return status, out.getvalue()
 
 
+# ----------------------------------------------------------------------------- RL head (linear_logprobs)
+@check
+def logprobs_head_grid(ctx):
+    """vocab_parallel_linear_logprobs equals linear_logprobs on the full weight: both outputs and every gradient."""
+    from softgrad.distributed import vocab_parallel_linear_logprobs
+    from softgrad.torch import linear_logprobs
+
+    m = Mismatches()
+    vocab, d = 13, 5
+    splits = {1: [[13]], 2: [[6, 7], [12, 1]], 3: [[4, 4, 5], [7, 0, 6]]}[ctx.world]
+    grid = itertools.product(splits, ["scalar", "tensor"], [False, True], [False, True])
+    for seed, (widths, temperature, use_bias, entropy) in enumerate(grid):
+        rng = np.random.default_rng(3000 + seed)
+        h = torch.from_numpy(rng.normal(size=(2, 4, d))).to(ctx.device)  # (B, T, D)
+        W = torch.from_numpy(rng.normal(size=(vocab, d))).to(ctx.device)
+        b = torch.from_numpy(rng.normal(size=vocab)).to(ctx.device)
+        t = torch.from_numpy(rng.integers(0, vocab, size=(2, 4))).to(ctx.device)
+        t[0, 1] = -100
+        tau = 0.7 if temperature == "scalar" else torch.from_numpy(rng.uniform(0.4, 1.6, size=(2, 4))).to(ctx.device)
+        up = [torch.from_numpy(rng.normal(size=(2, 4))).to(ctx.device) for _ in range(2)]
+        sh = ctx.shard(widths)
+        opts = dict(temperature=tau, return_entropy=entropy)
+        hs, ws, bs = (x.clone().requires_grad_() for x in (h, W[sh], b[sh]))
+        out = vocab_parallel_linear_logprobs(hs, ws, t, bs if use_bias else None, chunk_size=3, **opts)
+        hr, wr, br = (x.clone().requires_grad_() for x in (h, W, b))
+        ref = linear_logprobs(hr, wr, t, br if use_bias else None, **opts)
+        outs, refs = (tuple(out), tuple(ref)) if entropy else ((out,), (ref,))
+        params, ref_params = ([hs, ws, bs], [hr, wr, br]) if use_bias else ([hs, ws], [hr, wr])
+        got = torch.autograd.grad(outs, params, up[:len(outs)])
+        want = torch.autograd.grad(refs, ref_params, up[:len(outs)])
+        label = f"widths={widths} temperature={temperature} bias={use_bias} entropy={entropy}"
+        for i, (a, e) in enumerate(zip(outs, refs)):
+            m.close(f"output {i} {label}", a.detach(), e.detach(), **F64)
+        m.close(f"grad hidden {label}", got[0], want[0], **F64)
+        m.close(f"grad weight shard {label}", got[1], want[1][sh], **F64)
+        if use_bias:
+            m.close(f"grad bias shard {label}", got[2], want[2][sh], **F64)
+    # float32, default chunk size, only the entropy's gradient
+    rng = np.random.default_rng(31)
+    sh = ctx.shard(splits[-1])
+    h = torch.from_numpy(rng.normal(size=(9, d))).float().to(ctx.device).requires_grad_()
+    W = torch.from_numpy(rng.normal(size=(vocab, d))).float().to(ctx.device)
+    t = torch.from_numpy(rng.integers(0, vocab, size=9)).to(ctx.device)
+    out = vocab_parallel_linear_logprobs(h, W[sh], t, temperature=1.3, return_entropy=True)
+    (gh,) = torch.autograd.grad(out.entropy.sum(), h)
+    ref = linear_logprobs(h, W, t, temperature=1.3, return_entropy=True)
+    (ref_gh,) = torch.autograd.grad(ref.entropy.sum(), h)
+    m.true("float32 dtype", out.logprobs.dtype == torch.float32)
+    m.close("float32 logprobs", out.logprobs, ref.logprobs, rtol=2e-5, atol=1e-6)
+    m.close("float32 entropy", out.entropy, ref.entropy, rtol=2e-5, atol=1e-6)
+    m.close("float32 entropy grad hidden", gh, ref_gh, rtol=2e-5, atol=1e-6)
+    # a temperature that differs on one rank, and a bad target: the same error on every rank
+    messages = {}
+    tau = torch.ones(9, dtype=torch.float32, device=ctx.device)
+    if ctx.rank == ctx.world - 1:
+        tau[4] = 2.0
+    for name, call in [("temperature", lambda: vocab_parallel_linear_logprobs(h, W[sh], t, temperature=tau)),
+                       ("target", lambda: vocab_parallel_linear_logprobs(h, W[sh], torch.full_like(t, vocab)))]:
+        try:
+            call()
+        except ValueError as exc:
+            messages[name] = str(exc)
+        else:
+            m.true(f"{name} mismatch raised", False)
+    m.true("temperature message", "temperature differs between ranks" in messages.get("temperature", ""))
+    m.true("target message", f"outside [0, {vocab})" in messages.get("target", ""))
+    m.raise_any()
+    return messages
+
+
 def run_checks(rank, world, device="cpu", names=None):
     """Run the checks in order on this rank; ``{name: ("ok", data) or ("fail", traceback)}``."""
     ctx = Ctx(rank, world, device)

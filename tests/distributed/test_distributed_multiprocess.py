@@ -125,6 +125,12 @@ def test_vocab_parallel_example_runs_and_checks_itself(world):
     assert "(agree)" in printed and f"{world} rank(s)" in printed and "step    2" in printed
 
 
+@pytest.mark.parametrize("world", WORLDS)
+def test_vocab_parallel_logprobs_equals_linear_logprobs(world):
+    messages = _check(world, "logprobs_head_grid")
+    assert all(m == messages[0] for m in messages)  # the same errors on every rank
+
+
 # ----------------------------------------------------------------------------- data-parallel classifier
 _REFERENCE: dict = {}
 

@@ -37,7 +37,7 @@ def world_of_one():
 
 def test_public_api():
     assert sorted(sd.__all__) == ["CollectiveError", "fit_data_parallel", "vocab_parallel_cross_entropy",
-                                  "vocab_parallel_linear_cross_entropy"]
+                                  "vocab_parallel_linear_cross_entropy", "vocab_parallel_linear_logprobs"]
     assert issubclass(CollectiveError, RuntimeError)
 
 

@@ -4,7 +4,8 @@
   ranks: :func:`vocab_parallel_cross_entropy` (each rank holds a block of columns of the
   logits) and :func:`vocab_parallel_linear_cross_entropy` (each rank holds a block of rows of
   the output layer's weight; the logits are never materialised). Communication is ``O(N)``
-  per step (per-row statistics), never ``O(N * V)``.
+  per step (per-row statistics), never ``O(N * V)``. :func:`vocab_parallel_linear_logprobs`
+  is the RL head in the same layout (per-token log-probabilities and entropy).
 * Data parallelism for :class:`softgrad.SoftmaxClassifier`: :func:`fit_data_parallel` fits
   on rows split across ranks and gives every rank the model that one process would fit on
   all rows.
@@ -18,10 +19,12 @@ from softgrad.distributed._comm import CollectiveError
 from softgrad.distributed._data_parallel import fit_data_parallel
 from softgrad.distributed._vocab_parallel import vocab_parallel_cross_entropy
 from softgrad.distributed._vocab_parallel_linear import vocab_parallel_linear_cross_entropy
+from softgrad.distributed._vocab_parallel_logprobs import vocab_parallel_linear_logprobs
 
 __all__ = [
     "CollectiveError",
     "fit_data_parallel",
     "vocab_parallel_cross_entropy",
     "vocab_parallel_linear_cross_entropy",
+    "vocab_parallel_linear_logprobs",
 ]

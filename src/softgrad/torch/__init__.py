@@ -10,16 +10,19 @@ kernels and the eager value checks per thread. Needs PyTorch; Triton is optional
 
 from softgrad.torch._cross_entropy import CrossEntropyLoss, CrossEntropyOutput, cross_entropy, sequence_normalizer
 from softgrad.torch._linear_cross_entropy import LinearCrossEntropyLoss, choose_chunk_size, linear_cross_entropy
+from softgrad.torch._linear_logprobs import LogprobsOutput, linear_logprobs
 from softgrad.torch._settings import get_kernel, row_kernels, use_kernel, use_value_checks, value_checks_enabled
 
 __all__ = [
     "CrossEntropyLoss",
     "CrossEntropyOutput",
     "LinearCrossEntropyLoss",
+    "LogprobsOutput",
     "choose_chunk_size",
     "cross_entropy",
     "get_kernel",
     "linear_cross_entropy",
+    "linear_logprobs",
     "row_kernels",
     "sequence_normalizer",
     "use_kernel",
