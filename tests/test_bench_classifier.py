@@ -21,9 +21,21 @@ def test_classifier_benchmark_quick_mode_end_to_end():
     payload = json.loads(written.read_text())
     assert payload["quick"] is True and len(payload["load_average_before"]) == 3
     rows = {(r["problem"], r["impl"]): r for r in payload["rows"]}
-    impls = {"sklearn_lbfgs", "softgrad_lbfgs", "softgrad_lbfgs_f64", "softgrad_gd", "softgrad_sgd"}
-    assert set(rows) == {(p, i) for p in ("digits", "synthetic") for i in impls}
-    for problem in ("digits", "synthetic"):
+    try:
+        import sklearnex  # noqa: F401
+
+        intel = {"sklearnex_lbfgs"}
+    except ImportError:
+        intel = set()
+    dense = {"sklearn_lbfgs", "softgrad_lbfgs", "softgrad_logreg", "softgrad_lbfgs_f64", "softgrad_gd",
+             "softgrad_sgd"} | intel
+    lean = {"sklearn_lbfgs", "softgrad_lbfgs", "softgrad_logreg"} | intel
+    assert set(rows) == ({(p, i) for p in ("digits", "synthetic") for i in dense}
+                         | {(p, i) for p in ("synthetic50_f32", "tfidf_sparse") for i in lean})
+    assert rows["tfidf_sparse", "softgrad_lbfgs"]["sparse"] and rows["tfidf_sparse", "softgrad_lbfgs"]["peak_mb_over_csr"]
+    assert rows["synthetic50_f32", "softgrad_lbfgs"]["dtype"] == "float32"
+    for problem in ("digits", "synthetic", "synthetic50_f32", "tfidf_sparse"):
+        assert abs(rows[problem, "softgrad_logreg"]["objective_gap"]) <= 1e-6
         assert abs(rows[problem, "softgrad_lbfgs"]["objective_gap"]) <= 1e-6  # the gate held
         assert rows[problem, "sklearn_lbfgs"]["ratio_vs_sklearn"] == 1.0
         assert rows[problem, "sklearn_lbfgs"]["n_evals"] >= rows[problem, "sklearn_lbfgs"]["n_iter"] > 0
