@@ -27,7 +27,7 @@ Implementations, each fitted once per problem in the same process, in turn:
 Peak memory of the sparse fit: tracemalloc's peak of NumPy/SciPy allocations during one extra
 (untimed) ``softgrad_lbfgs`` fit, as a multiple of the CSR matrix's bytes.
 
-Correctness gate: every L-BFGS fit must reach scikit-learn's objective to ``1e-6`` relative
+Correctness gate: every gated fit must reach scikit-learn's objective to ``1e-6`` relative (a lower one passes)
 (both objectives are evaluated by the same float64 reference at the returned weights),
 and the max |gradient| at our weights, recomputed in float64, must be <= tol.
 
@@ -301,7 +301,10 @@ def main(argv=None):
         if problem == "tfidf_sparse":
             peak_memory[problem] = _peak_fit_memory(X, y, alpha)
         for name in (n for n in impls if n in gated):
-            _harness.check_close(f"{problem}/{name} objective", J[name], J_ref, rtol=OBJECTIVE_RTOL, atol=0.0)
+            # reach scikit-learn's objective: no worse than it by more than OBJECTIVE_RTOL (lower is fine)
+            if J[name] > J_ref * (1.0 + OBJECTIVE_RTOL):
+                raise AssertionError(f"{problem}/{name}: objective {J[name]!r} is above scikit-learn's {J_ref!r} by "
+                                     f"more than {OBJECTIVE_RTOL} relative; not benchmarking a worse answer")
             _, gW, gb = objective_reference(np.asarray(results[name][1], dtype=np.float64),
                                             np.asarray(results[name][2], dtype=np.float64), X, y, None, alpha)
             worst = max(np.abs(gW).max(), np.abs(gb).max())

@@ -35,8 +35,8 @@ def test_classifier_benchmark_quick_mode_end_to_end():
     assert rows["tfidf_sparse", "softgrad_lbfgs"]["sparse"] and rows["tfidf_sparse", "softgrad_lbfgs"]["peak_mb_over_csr"]
     assert rows["synthetic50_f32", "softgrad_lbfgs"]["dtype"] == "float32"
     for problem in ("digits", "synthetic", "synthetic50_f32", "tfidf_sparse"):
-        assert abs(rows[problem, "softgrad_logreg"]["objective_gap"]) <= 1e-6
-        assert abs(rows[problem, "softgrad_lbfgs"]["objective_gap"]) <= 1e-6  # the gate held
+        assert rows[problem, "softgrad_logreg"]["objective_gap"] <= 1e-6
+        assert rows[problem, "softgrad_lbfgs"]["objective_gap"] <= 1e-6  # the gate held (lower is fine)
         assert rows[problem, "sklearn_lbfgs"]["ratio_vs_sklearn"] == 1.0
         assert rows[problem, "sklearn_lbfgs"]["n_evals"] >= rows[problem, "sklearn_lbfgs"]["n_iter"] > 0
     assert "softgrad_lbfgs / sklearn_lbfgs fit time" in out.stdout
