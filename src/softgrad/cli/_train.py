@@ -2,7 +2,7 @@
 
 Steps: load and split the data (seeded, stratified; standardised with training
 statistics), check the gradient of the training objective numerically on a small
-batch, check that the initial loss is ``~ log C`` (seed 001's ``-log(0.1)``), fit
+batch, check that the initial loss is ``~ log C`` (CS231n's ``-log(0.1)`` for 10 classes), fit
 :class:`softgrad.SoftmaxClassifier` with a progress bar, fit scikit-learn's
 ``LogisticRegression`` on the same split at the matching regularisation
 (``C = 1 / (alpha * n_train)``), print both side by side, and write the run folder:
@@ -52,7 +52,7 @@ def _gradient_check(X, y, n_classes, alpha, fit_intercept, rng):
 
 
 def _sanity_check(X, y, n_classes, rng):
-    """Seed 001's check: with tiny random weights every class gets ~1/C, so the loss is ~log C."""
+    """CS231n's check: with tiny random weights every class gets ~1/C, so the loss is ~log C."""
     W = 1e-4 * rng.standard_normal((n_classes, X.shape[1]))
     loss = float(softgrad.cross_entropy(X @ W.T, y))
     return loss, math.log(n_classes)
