@@ -21,6 +21,9 @@ def test_cpu_kernel_benchmark_quick_mode_end_to_end():
     out = subprocess.run([sys.executable, str(script), "--quick", "--repeats", "1", "--dtype", "float32"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    # the targets are for the full shapes: a quick run does not print a block of unmet ones
+    assert "targets: not evaluated for the --quick shapes" in out.stdout
+    assert "=False" not in out.stdout
     written = Path(out.stdout.strip().splitlines()[-1].removeprefix("wrote "))
     assert written.parent != ROOT / "benchmarks" / "results"
     payload = json.loads(written.read_text())
@@ -46,7 +49,7 @@ def test_cpu_kernel_benchmark_quick_mode_end_to_end():
     assert payload["quick"] is True and len(payload["load_average_before"]) == 3
 
 
-def test_softgrad_bench_runs_the_benchmark_script(monkeypatch):
+def test_softgrad_bench_runs_the_benchmark_script(monkeypatch, tmp_path):
     from click.testing import CliRunner
 
     from softgrad.cli import _bench, main
@@ -57,6 +60,14 @@ def test_softgrad_bench_runs_the_benchmark_script(monkeypatch):
     result = CliRunner().invoke(main, ["bench", "--quick", "--repeats", "3", "--dtype", "float64"])
     assert result.exit_code == 0, result.output
     assert calls == [[sys.executable, str(_bench._script()), "--quick", "--repeats", "3", "--dtype", "float64"]]
+    # a full run never writes the committed results unless --out says so
+    calls.clear()
+    monkeypatch.chdir(tmp_path)
+    assert CliRunner().invoke(main, ["bench"]).exit_code == 0
+    out = Path(calls[-1][calls[-1].index("--out") + 1])
+    assert out.parent == tmp_path.resolve() / "runs" and out.name.startswith("bench-")
+    assert CliRunner().invoke(main, ["bench", "--out", "mine"]).exit_code == 0
+    assert calls[-1][-2:] == ["--out", str(tmp_path.resolve() / "mine")]
     monkeypatch.setattr(_bench.subprocess, "call", lambda argv: 3)
     assert CliRunner().invoke(main, ["bench"]).exit_code == 3
     monkeypatch.setattr(_bench, "_script", lambda: ROOT / "no_such_benchmark.py")

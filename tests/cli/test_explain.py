@@ -117,3 +117,16 @@ def test_help_lists_the_options():
     assert result.exit_code == 0
     for option in ("--logits", "--target", "--loss", "--eps", "--precision"):
         assert option in result.output
+
+
+@pytest.mark.parametrize("command", [["explain", "--help"], ["check", "--help"], ["train", "--help"],
+                                     ["explain", "--logits", "0.3", "0.5", "0.2", "--target", "1"],
+                                     ["explain", "--logits", "1", "2", "3", "--target", "0", "--loss", "mse"]])
+def test_no_numbered_seed_references_in_user_facing_text(command):
+    """Help and output cite derivations by name, never the project's internal 'seed 00N' numbering."""
+    from click.testing import CliRunner
+    from softgrad.cli import main
+
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code == 0, result.output
+    assert not re.search(r"seed 0\d\d", result.output, re.IGNORECASE)

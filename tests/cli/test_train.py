@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 
 import numpy as np
@@ -112,3 +113,54 @@ def test_refuses_to_train_on_a_wrong_gradient(tmp_path, monkeypatch):
     assert result.exit_code == 1
     assert "gradcheck FAILED" in result.output and "not training on a wrong gradient" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_progress_bar_starts_without_a_nan_objective():
+    from softgrad.cli._train import _objective_text
+
+    assert _objective_text(float("nan")) == "objective -"
+    assert _objective_text(0.5) == "objective 0.500000"
+
+
+def test_sgd_counts_epochs_and_sklearn_iterations_and_times_are_not_compared(tmp_path):
+    result = _train("--data", "spiral:3", "--solver", "sgd", "--epochs", "3", "--no-plots", "--out", str(tmp_path / "s"))
+    assert result.exit_code == 0, result.output
+    assert "nan" not in result.output
+    row = next(ln for ln in result.output.splitlines() if ln.startswith("epochs / iterations"))
+    assert "3 epochs" in row and re.search(r"\d+ iterations", row)
+    assert "fit times not comparable (sgd" in result.output and "fit time ratio" not in result.output
+
+
+def test_lbfgs_reports_the_time_ratio_and_plain_iterations(tmp_path):
+    result = _train("--data", "spiral:3", "--no-plots", "--out", str(tmp_path / "l"))
+    assert result.exit_code == 0, result.output
+    assert "fit time ratio softgrad / sklearn" in result.output
+    assert not any(ln.startswith("epochs") for ln in result.output.splitlines())
+    assert re.search(r"^iterations\s+\d+\s+\d+$", result.output, re.MULTILINE)
+
+
+def test_decision_region_title_uses_the_printed_accuracy(tmp_path, monkeypatch):
+    from softgrad import _plots
+
+    seen = {}
+    real = _plots.decision_regions
+
+    def spy(predict, X, y, classes, path, *, title):
+        seen["accuracy"] = float(np.mean(np.asarray(predict(X)) == np.asarray(y)))
+        seen["title"] = title
+        return real(predict, X, y, classes, path, title=title)
+
+    monkeypatch.setattr(_plots, "decision_regions", spy)
+    out = tmp_path / "gd"
+    result = _train("--data", "spiral:3", "--solver", "gd", "--max-iter", "50", "--no-sklearn", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert seen["accuracy"] == pytest.approx(m["softgrad_classifier"]["test_accuracy"])
+    assert "test points" in seen["title"]
+
+
+def test_every_option_has_help():
+    from softgrad.cli._train import train
+
+    for param in train.params:
+        assert getattr(param, "help", None), param.name

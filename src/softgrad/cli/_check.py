@@ -314,6 +314,41 @@ def _run(case: _Case) -> tuple[bool, str, str, sg.GradcheckReport | str]:
     return report.passed, f"{report.max_rel_error:.2e}", f"{rtol:g}", report
 
 
+def _ratio(report: sg.GradcheckReport | str) -> float:
+    """Worst error of a case as a fraction of what its tolerance allows (> 1 fails); inf for a crash."""
+    if isinstance(report, str):
+        return float("inf")
+    # gradcheck passes an input when max_abs_error <= atol + rtol * scale
+    return max((c.max_abs_error / (c.atol + c.rtol * c.scale) for c in report.inputs), default=0.0)
+
+
+def _echo_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    for r in [header] + rows:
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _echo_summary(rows: list[tuple[str, ...]], ratios: list[float], several_backends: bool) -> None:
+    """Per function (and backend): cases, passed, worst error / tolerance; then the worst case overall."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, r in enumerate(rows):
+        key = r[:2] if several_backends else r[:1]
+        groups.setdefault(key, []).append(i)
+    header = (("backend",) if several_backends else ()) + ("function", "cases", "passed", "worst err / tol")
+    table = []
+    for key, members in groups.items():
+        worst = max(ratios[i] for i in members)
+        passed = sum(rows[i][-1] == "pass" for i in members)
+        table.append(key + (str(len(members)), str(passed), "error" if worst == float("inf") else f"{worst:.2g}"))
+    _echo_table(header, table)
+    w = max(range(len(rows)), key=lambda i: ratios[i])
+    r = rows[w]
+    where = f"{r[0]}: " if several_backends else ""
+    body = r[1:] if several_backends else r
+    click.echo(f"\nworst case: {where}{body[0]} [{body[1]}] {body[2]}: max rel err {body[3]}"
+               + (f" (rtol {body[4]})" if body[4] else "") + f", {body[5]}  (--verbose lists every case)")
+
+
 @click.command()
 @click.option("--seed", type=int, default=None,
               help="Seed of the random inputs (default: a fresh one, printed so a run can be repeated).")
@@ -325,13 +360,16 @@ def _run(case: _Case) -> tuple[bool, str, str, sg.GradcheckReport | str]:
               help="Dtype(s) of the inputs; repeatable. Default: float64 and float32.")
 @click.option("-k", "--only", default=None, metavar="TEXT",
               help="Run only the cases whose function or description contains TEXT.")
-@click.option("-v", "--verbose", is_flag=True, help="Print the full gradcheck report of every case.")
+@click.option("-v", "--verbose", count=True,
+              help="-v: one row per case instead of the summary; -vv: also every case's full gradcheck report.")
 def check(seed: int | None, backends: tuple[str, ...], dtypes: tuple[str, ...], only: str | None,
-          verbose: bool) -> None:
+          verbose: int) -> None:
     """Gradient-check every public function against central differences.
 
-    Prints one row per case (function, case, dtype, max relative error, tolerance,
-    result) and exits with status 1 if any case fails.
+    Prints a summary (per function: cases, passed, worst error as a fraction of its
+    tolerance; then the worst case overall), the full report of every failing case, and
+    exits with status 1 if any case fails. --verbose prints one row per case (function,
+    case, dtype, max relative error, tolerance, result).
     """
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
@@ -348,6 +386,7 @@ def check(seed: int | None, backends: tuple[str, ...], dtypes: tuple[str, ...], 
 
     start = time.perf_counter()
     rows = []  # (backend, function, case, dtype, rel, tol, result)
+    ratios = []  # per row: worst error / its allowed error (inf for a crash)
     failures = []
     for backend in backends:
         with sg.use_backend(backend):
@@ -358,7 +397,8 @@ def check(seed: int | None, backends: tuple[str, ...], dtypes: tuple[str, ...], 
                         continue
                     passed, rel, tol, report = _run(case)
                     rows.append((backend, case.function, case.case, dtype, rel, tol, "pass" if passed else "FAIL"))
-                    if not passed or verbose:
+                    ratios.append(_ratio(report))
+                    if not passed or verbose >= 2:
                         failures.append((backend, case, dtype, rel, report, passed))
     elapsed = time.perf_counter() - start
 
@@ -369,10 +409,10 @@ def check(seed: int | None, backends: tuple[str, ...], dtypes: tuple[str, ...], 
     if len(backends) == 1:
         rows = [r[1:] for r in rows]
         header = header[1:]
-    if rows:
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-        for r in [header] + rows:
-            click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    if rows and verbose:
+        _echo_table(header, rows)
+    elif rows:
+        _echo_summary(rows, ratios, several_backends=len(backends) > 1)
     n_failed = sum(r[-1] == "FAIL" for r in rows)
     for backend, case, dtype, rel, report, passed in failures:
         click.echo("")

@@ -1,10 +1,12 @@
 """``softgrad explain``: every quantity of softmax + loss backward for one logit vector.
 
-It prints what seed 004's verification program prints -- logits, one-hot target,
+It prints what the numerical verification of the cccbook/py2gpt wiki's softmax page
+prints -- logits, one-hot target,
 softmax, its Jacobian, the loss, the gradient with respect to the probabilities, the
 analytic gradient with respect to the logits, the numerical gradient and their
 difference -- plus the chain rule ``J^T (dL/da)`` that links the two gradients.
-``--loss mse`` explains seed 003's softmax + mean-squared-error example instead.
+``--loss mse`` explains softmax followed by a mean squared error instead (the L2 example
+of the step-by-step softmax derivative the README cites as [D]).
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ def _explain_ce(z: np.ndarray, y: np.ndarray, target: int, eps: float) -> list[s
     num_dE_dz = softgrad.numerical_gradient(
         lambda v: softgrad.cross_entropy(v[None], np.array([target])), z, eps=eps)
     return [
-        "softmax + cross-entropy: the backward pass is a - y (seed 004)",
+        "softmax + cross-entropy: the backward pass is a - y",
         "",
         _line("logits", _with_prefix("z = ", z)),
         _line("target (one-hot)", _with_prefix("y = ", y)),
@@ -140,7 +142,7 @@ def _explain_mse(z: np.ndarray, y: np.ndarray, target: int, eps: float) -> list[
     chain = J.T @ dL_da
     num_dL_dz = softgrad.numerical_gradient(lambda v: softgrad.softmax_mse(v, np.array(target))[0], z, eps=eps)
     return [
-        "softmax + mean squared error: dL/dz = a * (dL/da - <dL/da, a>) (seed 003)",
+        "softmax + mean squared error: dL/dz = a * (dL/da - <dL/da, a>)",
         "",
         _line("logits", _with_prefix("z = ", z)),
         _line("target (one-hot)", _with_prefix("y = ", y)),
@@ -161,7 +163,7 @@ def _explain_mse(z: np.ndarray, y: np.ndarray, target: int, eps: float) -> list[
               help="The logits z, space- or comma-separated, e.g. --logits 0.3 0.5 0.2")
 @click.option("--target", type=int, required=True, help="The true class, an index in [0, number of logits).")
 @click.option("--loss", type=click.Choice(["ce", "mse"]), default="ce", show_default=True,
-              help="ce: cross-entropy (seed 004); mse: mean squared error on the softmax (seed 003).")
+              help="ce: cross-entropy; mse: mean squared error on the softmax.")
 @click.option("--eps", type=float, default=1e-6, show_default=True,
               help="Step of the central differences for the numerical gradients.")
 @click.option("--precision", type=click.IntRange(1, 17), default=8, show_default=True,
@@ -169,7 +171,7 @@ def _explain_mse(z: np.ndarray, y: np.ndarray, target: int, eps: float) -> list[
 def explain(logits: np.ndarray, target: int, loss: str, eps: float, precision: int) -> None:
     """Print softmax, its Jacobian, a loss and its gradients for one logit vector.
 
-    Example (seed 004): softgrad explain --logits 0.3 0.5 0.2 --target 1
+    Example: softgrad explain --logits 0.3 0.5 0.2 --target 1
     """
     C = logits.size
     if not 0 <= target < C:
