@@ -125,6 +125,7 @@ class _LinearClassifier(ClassifierMixin, BaseEstimator):
                          else "float64")
 
         self._curve: list[float] = []
+        self._abnormal_stop = None  # L-BFGS-B's message when it stops before max_iter unconverged
         batch = min(self._option("batch_size"), N) if self.solver == "sgd" else N
         problem = _Problem(X, target, row_scale, alpha, binary)
         with _thread_limit(batch * work):
@@ -136,12 +137,20 @@ class _LinearClassifier(ClassifierMixin, BaseEstimator):
             else:
                 W, b, objective, converged = self._fit_sgd(problem, W, b)
 
-        if not converged:
+        if not converged and self._abnormal_stop is not None:
+            warnings.warn(
+                f"{name}(solver={self.solver!r}) stopped abnormally after {len(self._curve)} "
+                f"iterations, not at max_iter={self.max_iter}: {self._abnormal_stop}. The line "
+                f"search found no decrease of the objective; this happens when X is badly "
+                f"scaled (max |X| = {_max_abs_value(X):.3g}): standardise X.",
+                ConvergenceWarning, stacklevel=4)
+        elif not converged:
             warnings.warn(
                 f"{name}(solver={self.solver!r}) did not converge within "
                 f"max_iter={self.max_iter} {'epochs' if self.solver == 'sgd' else 'iterations'} "
                 f"(tol={self.tol}); increase max_iter or tol, or standardise X.",
                 ConvergenceWarning, stacklevel=4)
+        del self._abnormal_stop
         # scikit-learn's convention: the fitted weights have X's dtype (float32 in, float32 out)
         self.classes_ = classes
         self.coef_ = np.ascontiguousarray(W, dtype=X.dtype)
@@ -221,6 +230,8 @@ class _LinearClassifier(ClassifierMixin, BaseEstimator):
             theta = res.x
             objective, grad = f64(theta)  # memoised when res.x was the last point evaluated
             converged = res.status == 0
+            if res.status == 2:  # ABNORMAL (line search failure), not the iteration limit
+                self._abnormal_stop = f"L-BFGS-B reported {str(res.message).strip().rstrip(':. ') or 'ABNORMAL'}"
         W, b = _unpack(theta, rows, D, b is not None)
         return W, b, objective, converged
 
@@ -233,8 +244,28 @@ class _LinearClassifier(ClassifierMixin, BaseEstimator):
     # ------------------------------------------------------------------- gd
     def _step_size(self, X, row_scale, alpha, fit_intercept):
         if self._option("learning_rate") == "auto":
-            return 1.0 / _linear_model.lipschitz_bound(X, row_scale, alpha, fit_intercept)
+            try:
+                with np.errstate(over="raise", invalid="raise"):
+                    step = 1.0 / _linear_model.lipschitz_bound(X, row_scale, alpha, fit_intercept)
+            except FloatingPointError:
+                step = math.nan
+            if not (math.isfinite(step) and step > 0.0):
+                raise ValueError(
+                    f"X is too large to fit with solver={self.solver!r}: the step-size bound "
+                    f"overflows float64 (max |X| = {_max_abs_value(X):.3g}); standardise X, "
+                    f"e.g. with sklearn.preprocessing.StandardScaler")
+            return step
         return float(self._option("learning_rate"))
+
+    def _check_finite(self, objective, gW, gb, t):
+        """Stop with a ValueError when a gd/sgd step made the objective or gradient non-finite."""
+        if math.isfinite(objective) and _finite_gradient(gW, gb):
+            return
+        unit = "epoch" if self.solver == "sgd" else "iteration"
+        raise ValueError(
+            f"{type(self).__name__}(solver={self.solver!r}) diverged: the objective became "
+            f"{objective} at {unit} {t + 1} (the products X @ W overflow float64); standardise X "
+            f"or lower learning_rate (now {self._option('learning_rate')!r})")
 
     def _scheduled(self, eta0, eta, t, objective, previous):
         """Step for iteration/epoch ``t + 1`` given the objective of ``t`` and ``t - 1``."""
@@ -264,8 +295,10 @@ class _LinearClassifier(ClassifierMixin, BaseEstimator):
             W -= eta * gW
             if b is not None:
                 b -= eta * gb
-            new_objective, gW, gb = _linear_model.objective_and_gradient(
-                W, b, X, target, row_scale, alpha, work, loss_rows, gW, gb, binary=binary)
+            with np.errstate(over="ignore", invalid="ignore"):  # reported by _check_finite
+                new_objective, gW, gb = _linear_model.objective_and_gradient(
+                    W, b, X, target, row_scale, alpha, work, loss_rows, gW, gb, binary=binary)
+            self._check_finite(new_objective, gW, gb, t)
             self._record(new_objective)
             previous, objective = objective, new_objective
             eta = self._scheduled(eta0, eta, t, objective, previous)
@@ -313,8 +346,10 @@ class _LinearClassifier(ClassifierMixin, BaseEstimator):
                 # (N / n) r_i makes the batch objective an unbiased estimate of J.
                 np.take(row_scale, idx, out=sb)
                 sb *= N / n
-                objective, gW, gb = _linear_model.objective_and_gradient(
-                    W, b, xb, yb, sb, alpha, work[:n], loss_rows[:n], gW, gb, binary=binary)
+                with np.errstate(over="ignore", invalid="ignore"):  # reported by _check_finite
+                    objective, gW, gb = _linear_model.objective_and_gradient(
+                        W, b, xb, yb, sb, alpha, work[:n], loss_rows[:n], gW, gb, binary=binary)
+                self._check_finite(objective, gW, gb, epoch)
                 epoch_objective += objective * (n / N)
                 W -= eta * gW
                 if b is not None:
@@ -790,6 +825,15 @@ def _pack(W, b):
 def _unpack(theta, C, D, fit_intercept):
     W = theta[:D * C].reshape(C, D)
     return W, (theta[D * C:] if fit_intercept else None)
+
+
+def _finite_gradient(gW, gb):
+    return bool(np.isfinite(gW).all() and (gb is None or np.isfinite(gb).all()))
+
+
+def _max_abs_value(X):
+    data = X.data if _linear_model.is_sparse(X) else X
+    return float(np.max(np.abs(data))) if data.size else 0.0
 
 
 def _max_abs(gW, gb):
