@@ -607,6 +607,8 @@ def load(spec: str, *, seed: int | None = 0, labels: bool = True,
         raise ValueError(f"data spec must be a non-empty string, got {spec!r}")
     kind, _, arg = spec.partition(":")
     kind = kind.lower()
+    if kind in ("digits", "spiral", "cifar10", "mnist", "fashion-mnist") and label_column is not None:
+        raise ValueError(f"label_column applies to CSV and NPZ data, not to {kind}")
     if kind == "digits" and not arg:
         return digits()
     if kind == "spiral":
@@ -621,8 +623,6 @@ def load(spec: str, *, seed: int | None = 0, labels: bool = True,
         label_column = int(label_column)
     csv_column = ("auto" if label_column is None else label_column) if labels else None
     npz_column = (-1 if label_column is None else label_column) if labels else None
-    if kind in ("cifar10", "mnist", "fashion-mnist") and label_column is not None:
-        raise ValueError(f"label_column applies to CSV and NPZ data, not to {kind}")
     if isinstance(npz_column, str) and (kind == "npz" or spec.lower().endswith(".npz")):
         raise ValueError(f"label_column of an NPZ file is a column index, got {label_column!r}")
     loaders = {"cifar10": load_cifar10, "mnist": load_mnist,
