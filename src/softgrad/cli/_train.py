@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -165,13 +166,11 @@ def train(data_spec, solver, alpha, max_iter, tol, learning_rate, schedule, batc
     if max_iter is None:
         max_iter = {"lbfgs": 200, "gd": 1000, "sgd": 50}[solver]
 
-    # the run folder is made first: a path that cannot be created fails before any work
+    # a run folder that cannot be created fails before any work (it is made only after training)
     out = Path(out_dir) if out_dir else Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise click.ClickException(f"cannot create the output folder {str(out)!r}: "
-                                   f"{exc.strerror or exc}") from exc
+    why = _uncreatable(out)
+    if why:
+        raise click.ClickException(f"cannot create the output folder {str(out)!r}: {why}")
     try:
         data = datasets.load(data_spec, seed=seed, label_column=label_column)
         parts = datasets.prepare(data, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
@@ -279,6 +278,7 @@ def train(data_spec, solver, alpha, max_iter, tol, learning_rate, schedule, batc
 
     model = _folded_model(clf, parts.scaler)
     try:
+        out.mkdir(parents=True, exist_ok=True)
         model.save(out / "model.npz")
     except OSError as exc:
         raise click.ClickException(f"cannot write {str(out / 'model.npz')!r}: {exc.strerror or exc}") from exc
@@ -302,6 +302,23 @@ def train(data_spec, solver, alpha, max_iter, tol, learning_rate, schedule, batc
     summary = (f"test accuracy {100 * ours['test_accuracy']:.2f} %, objective {ours['objective']:.6f}, "
                f"{fit_seconds:.2f} s; wrote {out}/: {', '.join(files)}")
     click.echo(summary if quiet else f"\nWrote {out}/: {', '.join(files)}")
+
+
+def _uncreatable(folder: Path) -> str | None:
+    """Why ``folder`` cannot be created (or used), or None: checked on its nearest existing ancestor."""
+    path = folder.expanduser().absolute()
+    if path.exists():
+        if not path.is_dir():
+            return "it exists and is not a folder"
+        return None if os.access(path, os.W_OK | os.X_OK) else "it is not writable"
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{str(parent)!r} is not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{str(parent)!r} is not writable"
+    return None
 
 
 def _json_default(value):
