@@ -100,21 +100,42 @@ def _with_prefix(prefix: str, array: np.ndarray) -> str:
     return prefix + body.replace("\n", "\n" + " " * len(prefix))
 
 
+def _numerical_dE_da(a: np.ndarray, target: int, eps: float) -> tuple[np.ndarray, float]:
+    """Central differences of ``E(a) = -log a[target]`` (``cross_entropy_from_probs``), entry by entry.
+
+    Each entry gets a step it can take: ``a[target]`` at most ``1e-4 * a[target]``, so it
+    stays positive (a small probability stepped by a fixed ``eps`` would leave the domain
+    of log) and the truncation error stays ~3e-9 relative; the other entries ``eps``,
+    clipped at 0 (E does not depend on them, so they stay valid probabilities).
+    Returns the gradient and the target's step.
+    """
+    def E(p):
+        return softgrad.cross_entropy_from_probs(np.maximum(p, 0.0), np.array(target), reduction="sum")[0]
+
+    eps_a = min(eps, 1e-4 * float(a[target]))
+
+    def at_target(t):
+        p = a.copy()
+        p[target] = t[0]
+        return E(p)
+
+    def others(p):
+        p = p.copy()
+        p[target] = a[target]
+        return E(p)
+
+    grad = softgrad.numerical_gradient(others, a, eps=eps)
+    grad[target] = softgrad.numerical_gradient(at_target, a[target:target + 1], eps=eps_a)[0]
+    return grad, eps_a
+
+
 def _explain_ce(z: np.ndarray, y: np.ndarray, target: int, eps: float) -> list[str]:
     a = softgrad.softmax(z)
     J = softgrad.softmax_jacobian(z)
     loss = float(softgrad.cross_entropy(z[None], np.array([target])))
     # dE/da = -y/a (cross_entropy_from_probs: reduction "sum" keeps one row unscaled)
     _, dE_da = softgrad.cross_entropy_from_probs(a, np.array(target), reduction="sum")
-    # E depends on a only through a[target], so the other entries may step below 0 (their
-    # derivative is 0 either way; clipped at 0 they stay valid probabilities), and the step
-    # is capped at 1e-4 * a[target] so that a[target] stays positive (a small probability
-    # stepped by a fixed eps would leave the domain of log) and the truncation error of
-    # -log stays ~ (step / a_target)**2 / 3 ~ 3e-9 relative.
-    eps_a = min(eps, 1e-4 * float(a[target]))
-    num_dE_da = softgrad.numerical_gradient(
-        lambda p: softgrad.cross_entropy_from_probs(np.maximum(p, 0.0), np.array(target),
-                                                    reduction="sum")[0], a, eps=eps_a)
+    num_dE_da, eps_a = _numerical_dE_da(a, target, eps)
     _, dE_dz = softgrad.softmax_cross_entropy(z[None], np.array([target]))
     dE_dz = dE_dz[0]
     chain = J.T @ dE_da
