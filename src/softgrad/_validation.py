@@ -88,12 +88,14 @@ def format_bytes(n: int) -> str:
     >>> format_bytes(3 * 2 ** 40)
     '3.0 TiB'
     """
+    if n < 1024:
+        return f"{int(n)} B"
     value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if value < 1024 or unit == "PiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
         value /= 1024
-    raise AssertionError("unreachable")
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+    return f"{value / 1024:.1f} PiB"
 
 
 def check_result_size(n_elements: int, itemsize: int, what: str, *, limit: int | None = None) -> None:
