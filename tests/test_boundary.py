@@ -12,7 +12,6 @@ import gzip
 import json
 import struct
 import time
-import warnings
 import zipfile
 
 import numpy as np

@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import io
 import json
 import math
 import numbers
 import sys
 import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np

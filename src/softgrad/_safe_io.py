@@ -95,7 +95,7 @@ def read_npz(path: Path, source: str | None = None, *, max_bytes: int | None = N
             raise _too_big(source, f"the arrays' declared size {format_bytes(total)}", limit)
         arrays = {}
         for m in members:
-            name = m.filename[:-4] if m.filename.endswith(".npy") else m.filename
+            name = m.filename.removesuffix(".npy")
             arrays[name] = _read_member(archive, m, source, name)
     return arrays
 

@@ -18,7 +18,6 @@ Malformed files raise ``ValueError`` naming the file and the problem.
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import os
 from dataclasses import dataclass, field
@@ -404,9 +403,9 @@ def _looks_like_header(first: list[str], second: list[str] | None, label: int | 
     """
     if not numeric([v for i, v in enumerate(first) if i != label]):
         return True
-    if label is not None and second is not None and len(second) == len(first):
-        if not numeric([first[label]]) and numeric([second[label]]):
-            return True
+    if (label is not None and second is not None and len(second) == len(first)
+            and not numeric([first[label]]) and numeric([second[label]])):
+        return True
     try:
         as_ints = [int(v) for v in first]
     except ValueError:
