@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import io
 import json
 import math
 import numbers
 import sys
 import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +123,7 @@ class _LinearClassifier(ClassifierMixin, BaseEstimator):
                          else "float64")
 
         self._curve: list[float] = []
+        self._abnormal_stop = None  # L-BFGS-B's message when it stops before max_iter unconverged
         batch = min(self._option("batch_size"), N) if self.solver == "sgd" else N
         problem = _Problem(X, target, row_scale, alpha, binary)
         with _thread_limit(batch * work):
@@ -136,12 +135,20 @@ class _LinearClassifier(ClassifierMixin, BaseEstimator):
             else:
                 W, b, objective, converged = self._fit_sgd(problem, W, b)
 
-        if not converged:
+        if not converged and self._abnormal_stop is not None:
+            warnings.warn(
+                f"{name}(solver={self.solver!r}) stopped abnormally after {len(self._curve)} "
+                f"iterations, not at max_iter={self.max_iter}: {self._abnormal_stop}. The line "
+                f"search found no decrease of the objective; this happens when X is badly "
+                f"scaled (max |X| = {_max_abs_value(X):.3g}): standardise X.",
+                ConvergenceWarning, stacklevel=4)
+        elif not converged:
             warnings.warn(
                 f"{name}(solver={self.solver!r}) did not converge within "
                 f"max_iter={self.max_iter} {'epochs' if self.solver == 'sgd' else 'iterations'} "
                 f"(tol={self.tol}); increase max_iter or tol, or standardise X.",
                 ConvergenceWarning, stacklevel=4)
+        del self._abnormal_stop
         # scikit-learn's convention: the fitted weights have X's dtype (float32 in, float32 out)
         self.classes_ = classes
         self.coef_ = np.ascontiguousarray(W, dtype=X.dtype)
@@ -221,6 +228,8 @@ class _LinearClassifier(ClassifierMixin, BaseEstimator):
             theta = res.x
             objective, grad = f64(theta)  # memoised when res.x was the last point evaluated
             converged = res.status == 0
+            if res.status == 2:  # ABNORMAL (line search failure), not the iteration limit
+                self._abnormal_stop = f"L-BFGS-B reported {str(res.message).strip().rstrip(':. ') or 'ABNORMAL'}"
         W, b = _unpack(theta, rows, D, b is not None)
         return W, b, objective, converged
 
@@ -233,8 +242,28 @@ class _LinearClassifier(ClassifierMixin, BaseEstimator):
     # ------------------------------------------------------------------- gd
     def _step_size(self, X, row_scale, alpha, fit_intercept):
         if self._option("learning_rate") == "auto":
-            return 1.0 / _linear_model.lipschitz_bound(X, row_scale, alpha, fit_intercept)
+            try:
+                with np.errstate(over="raise", invalid="raise"):
+                    step = 1.0 / _linear_model.lipschitz_bound(X, row_scale, alpha, fit_intercept)
+            except FloatingPointError:
+                step = math.nan
+            if not (math.isfinite(step) and step > 0.0):
+                raise ValueError(
+                    f"X is too large to fit with solver={self.solver!r}: the step-size bound "
+                    f"overflows float64 (max |X| = {_max_abs_value(X):.3g}); standardise X, "
+                    f"e.g. with sklearn.preprocessing.StandardScaler")
+            return step
         return float(self._option("learning_rate"))
+
+    def _check_finite(self, objective, gW, gb, t):
+        """Stop with a ValueError when a gd/sgd step made the objective or gradient non-finite."""
+        if math.isfinite(objective) and _finite_gradient(gW, gb):
+            return
+        unit = "epoch" if self.solver == "sgd" else "iteration"
+        raise ValueError(
+            f"{type(self).__name__}(solver={self.solver!r}) diverged: the objective became "
+            f"{objective} at {unit} {t + 1} (the products X @ W overflow float64); standardise X "
+            f"or lower learning_rate (now {self._option('learning_rate')!r})")
 
     def _scheduled(self, eta0, eta, t, objective, previous):
         """Step for iteration/epoch ``t + 1`` given the objective of ``t`` and ``t - 1``."""
@@ -264,8 +293,10 @@ class _LinearClassifier(ClassifierMixin, BaseEstimator):
             W -= eta * gW
             if b is not None:
                 b -= eta * gb
-            new_objective, gW, gb = _linear_model.objective_and_gradient(
-                W, b, X, target, row_scale, alpha, work, loss_rows, gW, gb, binary=binary)
+            with np.errstate(over="ignore", invalid="ignore"):  # reported by _check_finite
+                new_objective, gW, gb = _linear_model.objective_and_gradient(
+                    W, b, X, target, row_scale, alpha, work, loss_rows, gW, gb, binary=binary)
+            self._check_finite(new_objective, gW, gb, t)
             self._record(new_objective)
             previous, objective = objective, new_objective
             eta = self._scheduled(eta0, eta, t, objective, previous)
@@ -313,8 +344,10 @@ class _LinearClassifier(ClassifierMixin, BaseEstimator):
                 # (N / n) r_i makes the batch objective an unbiased estimate of J.
                 np.take(row_scale, idx, out=sb)
                 sb *= N / n
-                objective, gW, gb = _linear_model.objective_and_gradient(
-                    W, b, xb, yb, sb, alpha, work[:n], loss_rows[:n], gW, gb, binary=binary)
+                with np.errstate(over="ignore", invalid="ignore"):  # reported by _check_finite
+                    objective, gW, gb = _linear_model.objective_and_gradient(
+                        W, b, xb, yb, sb, alpha, work[:n], loss_rows[:n], gW, gb, binary=binary)
+                self._check_finite(objective, gW, gb, epoch)
                 epoch_objective += objective * (n / N)
                 W -= eta * gW
                 if b is not None:
@@ -605,27 +638,48 @@ class SoftmaxClassifier(_LinearClassifier):
     def load(cls, path) -> "SoftmaxClassifier":
         """Read a model written by :meth:`save` (``allow_pickle=False``).
 
+        The file is checked before it is trusted: its first bytes must be a zip
+        signature (a multi-GB file of anything else is refused after reading 4 bytes);
+        every member's declared size is bounded (``softgrad._safe_io``) before it is
+        read; the JSON header must match :data:`_HEADER_SCHEMA` (unknown keys are
+        ignored, so later versions may add optional ones) and agree with the arrays.
+
         Raises:
             FileNotFoundError: ``path`` does not exist.
-            ValueError: the file is not a softgrad model (not an ``.npz``, truncated,
-                no or a foreign header, an unsupported version, missing or inconsistent
-                arrays, non-finite weights).
+            ValueError: the file is not a softgrad model (not an ``.npz``, empty or
+                truncated, no or a foreign header, an unsupported version, a header of
+                the wrong types or inconsistent with the arrays, duplicated classes,
+                non-finite weights, members beyond the size bound). Every message
+                starts with the file's path.
         """
         path = Path(path)
+        name = str(path)
         if not path.is_file():
-            raise FileNotFoundError(f"model file {str(path)!r} does not exist")
-        raw = path.read_bytes()
-        if not raw.startswith(b"PK"):
-            raise ValueError(f"{str(path)!r} is not a softgrad model file: not an .npz (zip) archive "
-                             f"(it starts with {raw[:8]!r})")
+            raise FileNotFoundError(f"model file {name!r} does not exist")
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if not magic.startswith(b"PK"):
+            raise ValueError(f"{name!r} is not a softgrad model file: not an .npz (zip) archive "
+                             f"(it starts with {magic!r})")
+        if path.stat().st_size < _ZIP_MIN_BYTES:
+            raise ValueError(f"{name!r} is not a softgrad model file: {path.stat().st_size} bytes is "
+                             f"too short for a zip archive (empty or truncated)")
+        from softgrad import _safe_io
+
         try:
-            with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
-                data = {key: npz[key] for key in npz.files}
-        except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as exc:
-            raise ValueError(
-                f"{str(path)!r} is not a softgrad model file (an .npz written by "
-                f"SoftmaxClassifier.save): {exc}") from exc
-        return cls._from_arrays(data, str(path))
+            data = _safe_io.read_npz(path, name)
+        except ValueError as exc:
+            why = str(exc).removeprefix(repr(name)).lstrip(": ")
+            raise ValueError(f"{name!r} is not a softgrad model file (an .npz written by "
+                             f"SoftmaxClassifier.save): {why}") from exc
+        try:
+            return cls._from_arrays(data, name)
+        except ValueError as exc:
+            if str(exc).startswith(repr(name)):
+                raise
+            raise ValueError(f"{name!r} is not a valid softgrad model file: {exc}") from exc
+        except (KeyError, TypeError, OverflowError, AttributeError, IndexError, MemoryError) as exc:
+            raise ValueError(f"{name!r} is not a valid softgrad model file: {type(exc).__name__}: {exc}") from exc
 
     @classmethod
     def _from_arrays(cls, data, name):
@@ -634,26 +688,29 @@ class SoftmaxClassifier(_LinearClassifier):
 
         if "header" not in data:
             raise bad("no 'header' entry (not written by SoftmaxClassifier.save)")
+        raw_header = data["header"]
+        if raw_header.dtype != np.uint8 or raw_header.ndim != 1:
+            raise bad(f"the header must be a 1-D uint8 array of JSON text, got {raw_header.dtype} {raw_header.shape}")
         try:
-            header = json.loads(data["header"].astype(np.uint8).tobytes().decode())
-        except (ValueError, UnicodeDecodeError) as exc:
+            header = json.loads(raw_header.tobytes().decode())
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise bad(f"the header is not valid JSON ({exc})") from exc
         if not isinstance(header, dict) or header.get("format") != _FORMAT:
             raise bad(f"header format is {header.get('format') if isinstance(header, dict) else header!r}, "
                       f"expected {_FORMAT!r}")
-        if header.get("version") != _FORMAT_VERSION:
+        if header.get("version") != _FORMAT_VERSION or isinstance(header.get("version"), bool):
             raise bad(f"format version {header.get('version')!r} is not supported "
                       f"(this softgrad reads version {_FORMAT_VERSION})")
+        why = _check_header(header)
+        if why:
+            raise bad(why)
         for key in ("coef", "intercept", "classes", "loss_curve"):
             if key not in data:
                 raise bad(f"missing array {key!r}")
         coef, intercept, classes = data["coef"], data["intercept"], data["classes"]
-        try:
-            D = int(header["n_features_in"])
-            params = dict(header["params"])
-            label_kind = header["label_kind"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise bad(f"incomplete header ({exc})") from exc
+        D = header["n_features_in"]
+        params = dict(header["params"])
+        label_kind = header["label_kind"]
         if coef.ndim != 2 or not np.issubdtype(coef.dtype, np.floating) or coef.shape[1] != D:
             raise bad(f"coef must be a float (C, {D}) array, got {coef.dtype} {coef.shape}")
         C = coef.shape[0]
@@ -661,26 +718,46 @@ class SoftmaxClassifier(_LinearClassifier):
             raise bad(f"intercept must be a float ({C},) array, got {intercept.dtype} {intercept.shape}")
         if classes.shape != (C,) or C < 2:
             raise bad(f"classes must have shape ({C},) with C >= 2, got {classes.shape}")
+        if classes.dtype.kind not in _LABEL_DTYPE_KINDS[label_kind]:
+            raise bad(f"the header's label_kind {label_kind!r} does not match the stored classes of dtype "
+                      f"{classes.dtype}")
+        if np.unique(classes).shape[0] != C:
+            raise bad("classes contains duplicated labels")
         if not (np.isfinite(coef).all() and np.isfinite(intercept).all()):
             raise bad("coef/intercept contain NaN or infinity")
+        curve = data["loss_curve"]
+        if curve.ndim != 1 or curve.dtype.kind not in "fiu":
+            raise bad(f"loss_curve must be a 1-D float array, got {curve.dtype} {curve.shape}")
+        names_in = data.get("feature_names_in")
+        if names_in is not None and (names_in.shape != (D,) or names_in.dtype.kind != "U"):
+            raise bad(f"feature_names_in must be ({D},) strings (one per feature), got {names_in.dtype} "
+                      f"{names_in.shape}")
         cw = params.get("class_weight")
         if isinstance(cw, dict):
+            why = _check_class_weight_entry(cw)
+            if why:
+                raise bad(why)
             keys = _decode_labels(np.asarray(cw["labels"]), cw["label_kind"])
             params["class_weight"] = dict(zip(keys.tolist(), cw["weights"]))
         try:
             model = cls(**params)
         except TypeError as exc:
             raise bad(f"unknown parameters in header ({exc})") from exc
+        try:
+            model._validate_params()
+        except (ValueError, TypeError) as exc:
+            raise bad(f"invalid parameters in header: {exc}") from exc
         model.classes_ = _decode_labels(classes, label_kind)
         dtype = coef.dtype if coef.dtype in (np.float32, np.float64) else np.float64
         model.coef_ = np.ascontiguousarray(coef, dtype=dtype)
         model.intercept_ = intercept.astype(dtype)
-        model.loss_curve_ = data["loss_curve"].astype(np.float64)
+        model.loss_curve_ = curve.astype(np.float64)
         model.n_iter_ = int(header.get("n_iter", model.loss_curve_.shape[0]))
-        model.objective_ = float(header.get("objective", np.nan))
+        objective = header.get("objective")
+        model.objective_ = float("nan") if objective is None else float(objective)
         model.n_features_in_ = D
-        if "feature_names_in" in data:
-            model.feature_names_in_ = data["feature_names_in"].astype(object)
+        if names_in is not None:
+            model.feature_names_in_ = names_in.astype(object)
         return model
 
 
@@ -792,6 +869,15 @@ def _unpack(theta, C, D, fit_intercept):
     return W, (theta[D * C:] if fit_intercept else None)
 
 
+def _finite_gradient(gW, gb):
+    return bool(np.isfinite(gW).all() and (gb is None or np.isfinite(gb).all()))
+
+
+def _max_abs_value(X):
+    data = X.data if _linear_model.is_sparse(X) else X
+    return float(np.max(np.abs(data))) if data.size else 0.0
+
+
 def _max_abs(gW, gb):
     m = float(np.max(np.abs(gW)))
     return m if gb is None else max(m, float(np.max(np.abs(gb))))
@@ -840,12 +926,70 @@ def _class_weights(class_weight, classes, target, sample_weight):
     return weights
 
 
+# ---------------------------------------------------------------- model file schema
+_ZIP_MIN_BYTES = 22  # an empty zip archive is its 22-byte end-of-directory record
+
+# The header keys the loader reads: name -> (required, accepted JSON types, extra check or None).
+# Keys not listed are ignored, so a later writer may add optional keys (e.g. preprocessing).
+_HEADER_SCHEMA = {
+    "format": (True, (str,), None),
+    "version": (True, (int,), None),
+    "softgrad": (False, (str,), None),
+    "label_kind": (True, (str,), lambda v: v in _LABEL_DTYPE_KINDS or f"must be one of {sorted(_LABEL_DTYPE_KINDS)}"),
+    "n_features_in": (True, (int,), lambda v: v >= 1 or "must be >= 1"),
+    "n_iter": (False, (int,), lambda v: v >= 0 or "must be >= 0"),
+    "objective": (False, (int, float, type(None)), None),
+    "params": (True, (dict,), None),
+}
+
+# label_kind -> the stored classes' dtype kinds it accepts
+_LABEL_DTYPE_KINDS = {"bool": "b", "int": "i", "uint": "u", "float": "f", "str": "U", "object-str": "U"}
+
+
+def _check_header(header):
+    """The first way ``header`` breaks :data:`_HEADER_SCHEMA`, or None."""
+    for key, (required, types, check) in _HEADER_SCHEMA.items():
+        if key not in header:
+            if required:
+                return f"the header has no {key!r} entry"
+            continue
+        value = header[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            return (f"header entry {key!r} must be of type {'/'.join(t.__name__ for t in types)}, "
+                    f"got {type(value).__name__} {value!r:.80}")
+        verdict = True if check is None else check(value)
+        if verdict is not True:
+            return f"header entry {key!r} = {value!r:.80} {verdict}"
+    if not all(isinstance(k, str) for k in header["params"]):
+        return "header entry 'params' must map parameter names to values"
+    return None
+
+
+def _check_class_weight_entry(cw):
+    if set(cw) != {"labels", "label_kind", "weights"}:
+        return f"params.class_weight must have the keys labels, label_kind, weights; got {sorted(cw)}"
+    labels, kind, weights = cw["labels"], cw["label_kind"], cw["weights"]
+    if not (isinstance(labels, list) and isinstance(weights, list) and len(labels) == len(weights)):
+        return "params.class_weight: labels and weights must be lists of equal length"
+    if kind not in _LABEL_DTYPE_KINDS:
+        return f"params.class_weight: unknown label_kind {kind!r}"
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+        return "params.class_weight: weights must be numbers"
+    if not all(isinstance(v, (int, float, str, bool)) for v in labels):
+        return "params.class_weight: labels must be numbers, booleans or strings"
+    if len(set(labels)) != len(labels):
+        return "params.class_weight: duplicated labels"
+    return None
+
+
 def _encode_labels(labels):
     """Labels as a pickle-free array and a kind tag: ``"int"``, ``"float"``, ``"bool"``, ``"str"``."""
     labels = np.asarray(labels)
     kind = labels.dtype.kind
     if kind == "b":
         return labels, "bool"
+    if kind == "u" and labels.size and int(labels.max()) > np.iinfo(np.int64).max:
+        return labels.astype(np.uint64), "uint"  # int64 would wrap labels >= 2**63
     if kind in "iu":
         return labels.astype(np.int64), "int"
     if kind == "f":
@@ -864,8 +1008,8 @@ def _decode_labels(arr, kind):
         return arr.astype(str).astype(object)
     if kind == "str":
         return arr.astype(str)
-    dtype = {"bool": np.bool_, "int": np.int64, "float": np.float64}.get(kind)
-    if dtype is None or arr.dtype.kind not in "biuf":
+    dtype = {"bool": np.bool_, "int": np.int64, "uint": np.uint64, "float": np.float64}.get(kind)
+    if dtype is None or arr.dtype.kind not in _LABEL_DTYPE_KINDS.get(kind, ""):
         raise ValueError(f"label kind {kind!r} with stored dtype {arr.dtype} is not supported")
     return arr.astype(dtype)
 

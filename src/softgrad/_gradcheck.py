@@ -28,6 +28,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from softgrad import _validation as _v
+
 # Default (rtol, atol) by the least precise float dtype among the inputs and the analytic
 # gradients. float64: the central difference itself is good to ~1e-9 relative for
 # well-scaled functions at eps=1e-6; float32/float16: the analytic gradient's own rounding.
@@ -63,6 +65,17 @@ def _value_array(value: Any, what: str) -> np.ndarray:
     return arr
 
 
+#: The most entries of ``x`` :func:`numerical_gradient` differentiates (``2 * x.size`` calls of ``f``).
+MAX_NUMERICAL_SIZE = 10 ** 6
+
+
+def _check_evaluations(size: int, name: str = "x") -> None:
+    if size > MAX_NUMERICAL_SIZE:
+        raise ValueError(f"{name} has {size} entries; numerical_gradient would call f {2 * size} times "
+                         f"(the limit is x.size <= {MAX_NUMERICAL_SIZE}); differentiate a smaller "
+                         f"slice of x or check the gradient at a few sampled entries")
+
+
 def numerical_gradient(f: Callable[[np.ndarray], Any], x: Any, *, eps: float = 1e-6) -> np.ndarray:
     r"""Gradient (or Jacobian) of ``f`` at ``x`` by central differences in float64.
 
@@ -92,7 +105,10 @@ def numerical_gradient(f: Callable[[np.ndarray], Any], x: Any, *, eps: float = 1
         TypeError: ``x`` is not real numeric; ``f`` returns a tuple or non-numeric value;
             ``eps`` is not a real number.
         ValueError: ``x`` has NaN/inf entries; ``f`` returns a non-finite value or
-            values of changing shape; ``eps`` is not finite and positive.
+            values of changing shape; ``eps`` is not finite and positive; ``x`` has more
+            than ``MAX_NUMERICAL_SIZE`` (10**6) entries (checked before ``f`` is called);
+            the Jacobian would exceed ``softgrad._validation.MAX_RESULT_BYTES`` (4 GiB,
+            checked after the first call of ``f``).
 
     Examples:
         >>> numerical_gradient(lambda v: (v ** 2).sum(), np.array([1.0, -2.0])).round(6)
@@ -109,6 +125,8 @@ def numerical_gradient(f: Callable[[np.ndarray], Any], x: Any, *, eps: float = 1
     point = np.array(arr, dtype=np.float64)  # always a copy
     if not np.isfinite(point).all():
         raise ValueError("x contains NaN or inf")
+    # checked before f is called: the 2 * x.size columns kept are f(x).size * x.size float64s
+    _check_evaluations(point.size)
     work = point.copy()
     flat = work.reshape(-1)  # a view: writing flat[k] perturbs work
     out_shape = None
@@ -123,6 +141,8 @@ def numerical_gradient(f: Callable[[np.ndarray], Any], x: Any, *, eps: float = 1
         flat[k] = x_k
         if out_shape is None:
             out_shape = f_hi.shape
+            _v.check_result_size(f_hi.size * point.size, 8,
+                                 f"numerical_gradient's Jacobian (f(x) shape {out_shape}, x shape {point.shape})")
         if f_hi.shape != out_shape or f_lo.shape != out_shape:
             raise ValueError(f"f returned values of changing shape ({out_shape} and {f_hi.shape})")
         columns.append((f_hi - f_lo) / (hi - lo))
@@ -334,6 +354,7 @@ def gradcheck(f: Callable[..., Any], *inputs: Any, grad: Callable[..., Any] | No
             raise TypeError(f"input {names[i]} must be a real floating array, got dtype {arr.dtype}")
         if not np.isfinite(arr).all():
             raise ValueError(f"input {names[i]} contains NaN or inf")
+        _check_evaluations(arr.size, f"input {names[i]}")
         arrays.append(arr)
     saved = [a.copy() for a in arrays]
 

@@ -123,10 +123,21 @@ def _scores(X, W, b, dtype):
 
 def _finish(loss, dW, db, reg, W, b, result_dtype):
     """Add the L2 penalty, cast to the callers' dtypes, pack ``(loss, dW[, db])``."""
-    W64 = W.astype(np.float64)
-    loss = result_dtype.type(float(loss) + reg * float(np.sum(W64 * W64)))
-    # d/dW reg * sum(W**2) = 2 * reg * W
-    dW = (dW + 2.0 * reg * W.astype(dW.dtype)).astype(W.dtype)
+    if reg == 0.0:
+        # no penalty term at all: 0 * sum(W**2) would be 0 * inf = NaN once |W| >~ 1e154
+        loss = result_dtype.type(float(loss))
+        dW = dW.astype(W.dtype)
+    else:
+        W64 = W.astype(np.float64)
+        with np.errstate(over="ignore"):
+            penalty = reg * float(np.sum(W64 * W64))
+            # d/dW reg * sum(W**2) = 2 * reg * W
+            dW = dW + 2.0 * reg * W.astype(dW.dtype)
+        if not (np.isfinite(penalty) and np.isfinite(dW).all()):
+            raise ValueError(f"the L2 penalty reg * sum(W**2) with reg={reg} overflows float64 "
+                             f"(max |W| = {float(np.max(np.abs(W64))):.3g}); scale W down")
+        loss = result_dtype.type(float(loss) + penalty)
+        dW = dW.astype(W.dtype)
     if b is None:
         return loss, dW
     return loss, dW, db.astype(b.dtype)

@@ -253,16 +253,25 @@ def softmax_jacobian(logits: Any, axis: int = -1) -> np.ndarray:
 
     Raises:
         TypeError, ValueError: as :func:`softmax`.
+        ValueError: the result (``N * C * C`` float64 entries while it is built) would
+            exceed ``softgrad._validation.MAX_RESULT_BYTES`` (4 GiB); the message says how
+            big it would be. Checked before anything is computed; use
+            :func:`softmax_backward` for a Jacobian-vector product instead.
 
     Examples:
         >>> softmax_jacobian([0.0, 0.0])
         array([[ 0.25, -0.25],
                [-0.25,  0.25]])
     """
-    rows, layout = _v.logits_rows(logits, axis, check_values=False)
+    arr = _v.as_float_array(logits, "logits", check_values=False)
+    ax = _v.normalize_axis(axis, arr.ndim)
+    C = arr.shape[ax]
+    # checked before any work: the float64 intermediate has N * C * C entries
+    _v.check_result_size((arr.size // C if C else 0) * C * C, 8,
+                         f"softmax_jacobian of logits with shape {arr.shape} (C={C} along axis {axis})")
+    rows, layout = _v.logits_rows(arr, ax, check_values=False)
     a = np.empty_like(rows)
     _v.check_invalid_rows(_kernels().softmax(rows, a), rows)
-    C = layout.num_classes
     a = a.astype(np.float64)
     jac = a[:, :, None] * (np.eye(C)[None] - a[:, None, :])
     return jac.reshape(layout.batch_shape + (C, C)).astype(layout.dtype)

@@ -76,6 +76,41 @@ def _check_values(arr: np.ndarray, name: str, allow_neg_inf: bool) -> None:
         raise ValueError(f"{name} contains -inf")
 
 
+#: The largest result (in bytes) a function that builds a dense derivative may allocate:
+#: :func:`softgrad.softmax_jacobian` (``N * C * C`` entries) and
+#: :func:`softgrad.numerical_gradient` (``f(x).size * x.size`` entries). Checked before any work.
+MAX_RESULT_BYTES = 2 ** 32
+
+
+def format_bytes(n: int) -> str:
+    """``n`` bytes in the largest binary unit that keeps the number >= 1.
+
+    >>> format_bytes(3 * 2 ** 40)
+    '3.0 TiB'
+    """
+    if n < 1024:
+        return f"{int(n)} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+    return f"{value / 1024:.1f} PiB"
+
+
+def check_result_size(n_elements: int, itemsize: int, what: str, *, limit: int | None = None) -> None:
+    """Raise ``ValueError`` naming ``what`` if ``n_elements * itemsize`` bytes exceed ``limit``.
+
+    The product is taken in Python ints (no overflow). ``limit`` defaults to
+    :data:`MAX_RESULT_BYTES`.
+    """
+    limit = MAX_RESULT_BYTES if limit is None else limit
+    nbytes = int(n_elements) * int(itemsize)
+    if nbytes > limit:
+        raise ValueError(f"{what} would need {format_bytes(nbytes)} ({int(n_elements)} entries), "
+                         f"more than the limit of {format_bytes(limit)}")
+
+
 def compute_dtype(dtype: np.dtype) -> np.dtype:
     """The dtype the kernels run in for inputs of ``dtype``.
 
@@ -377,16 +412,28 @@ def index_target(target: Any, layout: RowLayout, ignore_index: int | None = None
             f"{name} must have shape {layout.batch_shape} (the logits' shape without the class "
             f"axis {layout.axis}), got {arr.shape}"
         )
-    flat = arr.reshape(-1).astype(np.int64)
-    C = layout.num_classes
-    bad = (flat < 0) | (flat >= C)
-    if ignore_index is not None:
-        bad &= flat != ignore_index
+    flat = arr.reshape(-1)
+    bad = _bad_labels(flat, layout.num_classes, ignore_index)
     if bad.any():
         value = int(flat[np.flatnonzero(bad)[0]])
-        allowed = f"[0, {C})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
+        allowed = f"[0, {layout.num_classes})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
         raise ValueError(f"{name} contains class index {value} outside {allowed}")
-    return flat
+    return flat.astype(np.int64)
+
+
+def _bad_labels(flat: np.ndarray, num_classes: int, ignore_index: int | None) -> np.ndarray:
+    """Mask of labels outside ``[0, num_classes)`` and not ``ignore_index``, in ``flat``'s own dtype.
+
+    The range test runs before any cast to int64, so uint64 labels >= 2**63 are out of
+    range rather than wrapped to negative numbers (which could equal ``ignore_index``).
+    """
+    info = np.iinfo(flat.dtype)
+    bad = flat >= flat.dtype.type(num_classes) if num_classes <= info.max else np.zeros(flat.shape, bool)
+    if info.min < 0:
+        bad |= flat < 0
+    if ignore_index is not None and info.min <= ignore_index <= info.max:
+        bad &= flat != flat.dtype.type(ignore_index)
+    return bad
 
 
 def probability_target(target: Any, layout: RowLayout, name: str = "target") -> np.ndarray:
@@ -413,6 +460,11 @@ def class_target(target: Any, layout: RowLayout, ignore_index: int | None = None
     """
     arr = np.asarray(target)
     if np.issubdtype(arr.dtype, np.floating):
+        if arr.shape != layout.shape and arr.shape == layout.batch_shape:
+            raise ValueError(
+                f"{name} has float dtype {arr.dtype} and the shape of class indices {arr.shape}: "
+                f"float targets are read as probabilities and must have the logits' shape "
+                f"{layout.shape}; for class ids pass an integer array, e.g. {name}.astype(np.int64)")
         return "probs", probability_target(arr, layout, name)
     return "index", index_target(arr, layout, ignore_index, name)
 

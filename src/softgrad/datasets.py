@@ -18,7 +18,6 @@ Malformed files raise ``ValueError`` naming the file and the problem.
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import os
 from dataclasses import dataclass, field
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from softgrad import _safe_io
 
 __all__ = [
     "Dataset",
@@ -145,16 +146,12 @@ def digits() -> Dataset:
 
 # ---------------------------------------------------------------- readers
 def _read_bytes(path: Path) -> bytes:
-    """File contents, gunzipped if the file starts with gzip's magic bytes."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} does not exist or is not a file")
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
-            raise ValueError(f"{str(path)!r} is a damaged or truncated gzip file: {exc}") from exc
-    return raw
+    """File contents, gunzipped if the file starts with gzip's magic bytes.
+
+    Decompression is streamed and stops at ``softgrad._safe_io.MAX_DECOMPRESSED_BYTES``
+    (2 GiB) with a ``ValueError`` naming the file, so a gzip bomb costs no more than that.
+    """
+    return _safe_io.read_bytes(path)
 
 
 # IDX type codes -> big-endian dtypes
@@ -214,7 +211,7 @@ def _idx_pair(directory: Path, images_stems, labels_stems, what):
                          f"got {X.shape} and {y.shape}")
     if X.shape[0] != y.shape[0]:
         raise ValueError(f"{what}: {X.shape[0]} images in {images.name} but {y.shape[0]} labels in {labels.name}")
-    return X, y.astype(np.int64)
+    return X, _labels(y, repr(str(labels)))
 
 
 def load_mnist(path: str | os.PathLike, *, fashion: bool = False) -> Dataset:
@@ -314,23 +311,61 @@ def load_cifar10(path: str | os.PathLike) -> Dataset:
                    X_test=None if test is None else test[0], y_test=None if test is None else test[1])
 
 
+# Whole numbers up to 2**53 are exact in float64; beyond it neighbouring ids merge.
+_FLOAT_EXACT_INT = 2 ** 53
+_INT64_MAX = int(np.iinfo(np.int64).max)
+
+
 def _labels(values: np.ndarray, source: str) -> np.ndarray:
-    """Labels as int64 when they are whole numbers, else as strings."""
-    if values.dtype.kind in "iub":
+    """Labels as int64 when they are whole numbers (uint64 when some exceed int64), else as strings.
+
+    Integer text is parsed as integers, never through float (``10**18`` and
+    ``10**18 + 1`` stay two classes). Float labels must be whole numbers of magnitude
+    at most ``2**53``, where float64 still tells neighbouring integers apart.
+    """
+    kind = values.dtype.kind
+    if kind in "ib":
         return values.astype(np.int64)
-    if values.dtype.kind == "f":
+    if kind == "u":
+        big = values.size and int(values.max()) > _INT64_MAX
+        return values.astype(np.uint64 if big else np.int64)
+    if kind == "f":
         if not np.isfinite(values).all():
             raise ValueError(f"{source}: the label column contains NaN or infinity")
-        if np.all(values == np.round(values)):
-            return values.astype(np.int64)
-        raise ValueError(f"{source}: the label column holds non-integer numbers; labels must be "
-                         "class names or whole numbers")
+        if not np.all(values == np.round(values)):
+            raise ValueError(f"{source}: the label column holds non-integer numbers; labels must be "
+                             "class names or whole numbers")
+        largest = float(np.max(np.abs(values))) if values.size else 0.0
+        if largest > _FLOAT_EXACT_INT:
+            raise ValueError(f"{source}: float label {largest:.17g} is beyond 2**53, where float64 no "
+                             "longer holds every integer (neighbouring class ids would merge); "
+                             "store the labels as integers")
+        return values.astype(np.int64)
     strings = values.astype(str)
+    as_ints = _parse_ints(strings.tolist(), source)
+    if as_ints is not None:
+        return as_ints
     try:
         as_float = np.array([float(s) for s in strings.tolist()])
     except ValueError:
         return strings  # class names
     return _labels(as_float, source)
+
+
+def _parse_ints(texts: list[str], source: str) -> np.ndarray | None:
+    """``texts`` as int64 (or uint64 when some exceed int64) if every one is an integer, else None."""
+    try:
+        values = [int(t) for t in texts]
+    except ValueError:
+        return None
+    if not values:
+        return np.empty(0, dtype=np.int64)
+    lo, hi = min(values), max(values)
+    if lo >= -_INT64_MAX - 1 and hi <= _INT64_MAX:
+        return np.array(values, dtype=np.int64)
+    if lo >= 0 and hi < 2 ** 64:
+        return np.array(values, dtype=np.uint64)
+    raise ValueError(f"{source}: label {hi if hi > _INT64_MAX else lo} does not fit in 64 bits")
 
 
 def _column_index(label_column, columns: int, header: list[str] | None, source: str) -> int:
@@ -346,18 +381,67 @@ def _column_index(label_column, columns: int, header: list[str] | None, source: 
     return int(label_column) % columns
 
 
-def load_csv(path: str | os.PathLike, *, label_column: int | str | None = -1, delimiter: str | None = None,
+#: Header names that ``label_column="auto"`` takes as the label column (compared case-insensitively).
+LABEL_NAMES = ("label", "labels", "target", "class", "y")
+
+
+def _auto_label_column(names: list[str] | None, width: int) -> int:
+    """The one column named as in :data:`LABEL_NAMES`, else the last column."""
+    if names is not None:
+        hits = [i for i, n in enumerate(names) if n.strip().lower() in LABEL_NAMES]
+        if len(hits) == 1:
+            return hits[0]
+    return width - 1
+
+
+def _looks_like_header(first: list[str], second: list[str] | None, label: int | None, numeric) -> bool:
+    """Whether the first CSV row names the columns.
+
+    It does when a feature field is not a number; when its label field is not a number
+    but the next row's is; or when its fields are the integers ``0 .. width - 1`` (or
+    ``1 .. width``), the column names pandas writes for a frame without names.
+    """
+    if not numeric([v for i, v in enumerate(first) if i != label]):
+        return True
+    if (label is not None and second is not None and len(second) == len(first)
+            and not numeric([first[label]]) and numeric([second[label]])):
+        return True
+    try:
+        as_ints = [int(v) for v in first]
+    except ValueError:
+        return False
+    width = len(first)
+    return as_ints in (list(range(width)), list(range(1, width + 1))) and width > 2
+
+
+def _is_row_index(body: list[list[str]]) -> bool:
+    """Whether the first field of the rows counts 0, 1, 2, ... (a pandas row index)."""
+    try:
+        return all(int(row[0]) == i for i, row in enumerate(body))
+    except (ValueError, IndexError):
+        return False
+
+
+def load_csv(path: str | os.PathLike, *, label_column: int | str | None = "auto", delimiter: str | None = None,
              header: bool | None = None) -> Dataset:
     """Features and labels from a CSV file (plain or gzipped), one sample per line.
 
+    Format: one sample per line, fields separated by ``delimiter``, one column of
+    labels and the rest numeric features, optionally a first line of column names.
+
     Args:
         path: the file.
-        label_column: index (default: the last column) or header name of the labels,
-            or ``None`` when every column is a feature (``y`` is then ``None``).
-            Labels may be whole numbers or any strings.
+        label_column: index or header name of the labels; ``"auto"`` (default): the one
+            header column named ``label``, ``labels``, ``target``, ``class`` or ``y``
+            (any case), else the last column; ``None`` when every column is a feature
+            (``y`` is then ``None``). Labels may be whole numbers (parsed as integers,
+            never through float: int64, or uint64 above 2**63 - 1) or any strings.
         delimiter: field separator; ``None`` sniffs ``,``, ``;``, tab or space.
-        header: whether the first line names the columns; ``None`` decides by whether
-            its feature fields parse as numbers.
+        header: whether the first line names the columns; ``None`` detects it: a
+            feature field that is not a number, a non-numeric label field above a numeric
+            one, or the column names ``0 .. width - 1`` that pandas writes. An unnamed
+            first header column whose values count ``0, 1, 2, ...`` is pandas' row index
+            and is dropped.
 
     Returns:
         :class:`Dataset` with float64 ``X`` and int64 or string ``y``.
@@ -395,15 +479,26 @@ def load_csv(path: str | os.PathLike, *, label_column: int | str | None = -1, de
         return True
 
     first = rows[0]
+    auto = isinstance(label_column, str) and label_column == "auto"
     if header is None:
-        provisional = (None if label_column is None else
-                       _column_index(label_column, width, first if isinstance(label_column, str) else None, source))
-        header = not numeric([v for i, v in enumerate(first) if i != provisional])
+        if auto:
+            provisional = _auto_label_column([v.strip() for v in first], width)
+        else:
+            provisional = (None if label_column is None else
+                           _column_index(label_column, width, first if isinstance(label_column, str) else None,
+                                         source))
+        header = _looks_like_header(first, rows[1] if len(rows) > 1 else None, provisional, numeric)
     names = [v.strip() for v in first] if header else None
     body = rows[1:] if header else rows
     if not body:
         raise ValueError(f"{source!r}: no data rows")
-    col = None if label_column is None else _column_index(label_column, width, names, source)
+    if names is not None and names[0] in ("", "Unnamed: 0") and _is_row_index(body):
+        # pandas' DataFrame.to_csv writes the row index as an unnamed first column: not a feature
+        names, body, width = names[1:], [row[1:] for row in body], width - 1
+    if auto:
+        col = _auto_label_column(names, width) if names is not None else width - 1
+    else:
+        col = None if label_column is None else _column_index(label_column, width, names, source)
     X = np.empty((len(body), width - (col is not None)))
     labels = []
     for n, row in enumerate(body):
@@ -445,13 +540,8 @@ def load_npz(path: str | os.PathLike, *, label_column: int | None = -1) -> Datas
     with open(p, "rb") as f:
         if f.read(2) != b"PK":
             raise ValueError(f"{source} is not a readable .npz file (no zip signature)")
-    try:
-        with np.load(p, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except ValueError as exc:
-        raise ValueError(f"{source}: cannot read without pickle ({exc}); store numeric or string arrays") from exc
-    except Exception as exc:  # noqa: BLE001 - zipfile/OSError/EOFError: all mean "not a readable npz"
-        raise ValueError(f"{source} is not a readable .npz file: {exc}") from exc
+    # bounded: members' declared sizes are checked before anything is decompressed
+    arrays = _safe_io.read_npz(p, str(p))
     X_test = y_test = None
     if "X" in arrays and "y" in arrays:
         X, y = arrays["X"], arrays["y"]
@@ -492,13 +582,17 @@ def load_npz(path: str | os.PathLike, *, label_column: int | None = -1) -> Datas
     return Dataset(f"npz:{p}", X, y, X_test=X_test, y_test=y_test)
 
 
-def load(spec: str, *, seed: int | None = 0, labels: bool = True) -> Dataset:
+def load(spec: str, *, seed: int | None = 0, labels: bool = True,
+         label_column: int | str | None = None) -> Dataset:
     """The data set named by a command-line ``spec``.
 
     ``digits``; ``spiral`` or ``spiral:K`` (``K`` arms, 100 points each, seeded);
     ``cifar10:PATH``; ``mnist:PATH``; ``fashion-mnist:PATH``; ``csv:PATH``;
     ``npz:PATH``; or a bare path ending in ``.csv``/``.csv.gz``/``.npz``.
-    ``labels=False`` reads CSV/NPZ files without a label column.
+    ``labels=False`` reads CSV/NPZ files without a label column. ``label_column``
+    names the label column of a CSV (an index, a header name, or a string of digits
+    such as ``"0"`` as the command line passes it) or of a single-array NPZ (an index);
+    ``None`` keeps each loader's default (CSV: ``"auto"``; NPZ: the last column).
 
     Raises:
         ValueError: an unknown spec (the message lists the forms), or any loader error.
@@ -512,6 +606,8 @@ def load(spec: str, *, seed: int | None = 0, labels: bool = True) -> Dataset:
         raise ValueError(f"data spec must be a non-empty string, got {spec!r}")
     kind, _, arg = spec.partition(":")
     kind = kind.lower()
+    if kind in ("digits", "spiral", "cifar10", "mnist", "fashion-mnist") and label_column is not None:
+        raise ValueError(f"label_column applies to CSV and NPZ data, not to {kind}")
     if kind == "digits" and not arg:
         return digits()
     if kind == "spiral":
@@ -520,18 +616,25 @@ def load(spec: str, *, seed: int | None = 0, labels: bool = True) -> Dataset:
         except ValueError:
             raise ValueError(f"spiral:K needs an integer number of arms, got {arg!r}") from None
         return spiral(100, K, seed=seed)
-    column = -1 if labels else None
+    if label_column is not None and not labels:
+        raise ValueError("label_column names a label column, but labels=False says the data has none")
+    if isinstance(label_column, str) and label_column.lstrip("-").isdigit():
+        label_column = int(label_column)
+    csv_column = ("auto" if label_column is None else label_column) if labels else None
+    npz_column = (-1 if label_column is None else label_column) if labels else None
+    if isinstance(npz_column, str) and (kind == "npz" or spec.lower().endswith(".npz")):
+        raise ValueError(f"label_column of an NPZ file is a column index, got {label_column!r}")
     loaders = {"cifar10": load_cifar10, "mnist": load_mnist,
                "fashion-mnist": lambda a: load_mnist(a, fashion=True),
-               "csv": lambda a: load_csv(a, label_column=column),
-               "npz": lambda a: load_npz(a, label_column=column)}
+               "csv": lambda a: load_csv(a, label_column=csv_column),
+               "npz": lambda a: load_npz(a, label_column=npz_column)}
     if kind in loaders and arg:
         return loaders[kind](arg)
     lower = spec.lower()
     if lower.endswith((".csv", ".csv.gz")):
-        return load_csv(spec, label_column=column)
+        return load_csv(spec, label_column=csv_column)
     if lower.endswith(".npz"):
-        return load_npz(spec, label_column=column)
+        return load_npz(spec, label_column=npz_column)
     raise ValueError(f"unknown data spec {spec!r}; expected digits, spiral[:K], cifar10:PATH, mnist:PATH, "
                      "fashion-mnist:PATH, csv:PATH, npz:PATH, or a .csv/.npz path")
 

@@ -102,14 +102,42 @@ def _with_prefix(prefix: str, array: np.ndarray) -> str:
     return prefix + body.replace("\n", "\n" + " " * len(prefix))
 
 
+def _numerical_dE_da(a: np.ndarray, target: int, eps: float) -> tuple[np.ndarray, float]:
+    """Central differences of ``E(a) = -log a[target]`` (``cross_entropy_from_probs``), entry by entry.
+
+    Each entry gets a step it can take: ``a[target]`` at most ``1e-4 * a[target]``, so it
+    stays positive (a small probability stepped by a fixed ``eps`` would leave the domain
+    of log) and the truncation error stays ~3e-9 relative; the other entries ``eps``,
+    clipped at 0 (E does not depend on them, so they stay valid probabilities).
+    Returns the gradient and the target's step.
+    """
+    def E(p):
+        return softgrad.cross_entropy_from_probs(np.maximum(p, 0.0), np.array(target), reduction="sum")[0]
+
+    eps_a = min(eps, 1e-4 * float(a[target]))
+
+    def at_target(t):
+        p = a.copy()
+        p[target] = t[0]
+        return E(p)
+
+    def others(p):
+        p = p.copy()
+        p[target] = a[target]
+        return E(p)
+
+    grad = softgrad.numerical_gradient(others, a, eps=eps)
+    grad[target] = softgrad.numerical_gradient(at_target, a[target:target + 1], eps=eps_a)[0]
+    return grad, eps_a
+
+
 def _explain_ce(z: np.ndarray, y: np.ndarray, target: int, eps: float) -> list[str]:
     a = softgrad.softmax(z)
     J = softgrad.softmax_jacobian(z)
     loss = float(softgrad.cross_entropy(z[None], np.array([target])))
     # dE/da = -y/a (cross_entropy_from_probs: reduction "sum" keeps one row unscaled)
     _, dE_da = softgrad.cross_entropy_from_probs(a, np.array(target), reduction="sum")
-    num_dE_da = softgrad.numerical_gradient(
-        lambda p: softgrad.cross_entropy_from_probs(p, np.array(target), reduction="sum")[0], a, eps=eps)
+    num_dE_da, eps_a = _numerical_dE_da(a, target, eps)
     _, dE_dz = softgrad.softmax_cross_entropy(z[None], np.array([target]))
     dE_dz = dE_dz[0]
     chain = J.T @ dE_da
@@ -124,7 +152,8 @@ def _explain_ce(z: np.ndarray, y: np.ndarray, target: int, eps: float) -> list[s
         _line("Jacobian", "J = da/dz, J_ij = a_i (delta_ij - a_j) =\n" + _fmt(J)),
         _line("cross-entropy", f"E = -sum_k y_k log a_k = {loss:.8f}"),
         _line("dE/da", _with_prefix("-y/a = ", dE_da)),
-        _line("  numerical", _with_prefix("central differences = ", num_dE_da)),
+        _line("  numerical", _with_prefix("central differences = ", num_dE_da)
+              + ("" if eps_a == eps else f"   (eps = {eps_a:.3g} = 1e-4 a_target)")),
         _line("dE/dz", _with_prefix("a - y = ", dE_dz)),
         _line("  chain rule", _with_prefix("J^T (-y/a) = ", chain)),
         _line("  numerical", _with_prefix("central differences = ", num_dE_dz)),
@@ -181,6 +210,14 @@ def explain(logits: np.ndarray, target: int, loss: str, eps: float, precision: i
         raise click.BadParameter(f"must be a finite number > 0, got {eps}", param_hint="'--eps'")
     y = np.zeros(C)
     y[target] = 1.0
+    if loss == "ce" and not softgrad.softmax(logits)[target] > 0.0:
+        raise click.BadParameter(
+            f"the target's probability softmax(z)[{target}] underflows to 0 in float64, so the "
+            f"loss is infinite and dE/da = -1/a has no finite value; use logits closer together",
+            param_hint="'--logits'")
     with np.printoptions(precision=precision, floatmode="maxprec", suppress=False, linewidth=100):
-        lines = (_explain_ce if loss == "ce" else _explain_mse)(logits, y, target, eps)
+        try:
+            lines = (_explain_ce if loss == "ce" else _explain_mse)(logits, y, target, eps)
+        except ValueError as exc:  # e.g. eps so large that a numerical step overflows
+            raise click.ClickException(str(exc)) from exc
     click.echo("\n".join(lines))

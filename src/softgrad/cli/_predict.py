@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import sys
+from pathlib import Path
 
 import click
 import numpy as np
@@ -23,14 +24,21 @@ import numpy as np
               help="CSV file for the predictions [default: standard output].")
 @click.option("--proba", is_flag=True, help="Add the probability of every class.")
 @click.option("--no-labels", is_flag=True, help="The CSV/NPZ data has no label column (all columns are features).")
-def predict(model_path, data_spec, out_path, proba, no_labels):
+@click.option("--label-column", default=None, metavar="INDEX|NAME",
+              help="CSV/NPZ label column, as for softgrad train.")
+def predict(model_path, data_spec, out_path, proba, no_labels, label_column):
     """Predict the classes of DATA with the saved model MODEL (an .npz file)."""
     from softgrad import datasets
     from softgrad._classifier import SoftmaxClassifier
 
+    if out_path:
+        folder = Path(out_path).expanduser().parent
+        if not folder.is_dir():
+            raise click.BadParameter(f"the folder {str(folder)!r} does not exist; create it first",
+                                     param_hint="'--out'")
     try:
         model = SoftmaxClassifier.load(model_path)
-        data = datasets.load(data_spec, labels=not no_labels)
+        data = datasets.load(data_spec, labels=not no_labels, label_column=label_column)
     except (ValueError, FileNotFoundError, ImportError) as exc:
         raise click.ClickException(str(exc)) from exc
     X, y = data.X, data.y
@@ -44,7 +52,10 @@ def predict(model_path, data_spec, out_path, proba, no_labels):
     labels = model.predict(X)
     probs = model.predict_proba(X) if proba else None
 
-    stream = open(out_path, "w", newline="") if out_path else sys.stdout
+    try:
+        stream = open(out_path, "w", newline="") if out_path else sys.stdout
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {out_path!r}: {exc.strerror or exc}") from exc
     try:
         writer = csv.writer(stream)
         writer.writerow(["row", "prediction"] + ([f"p_{c}" for c in model.classes_] if proba else []))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -138,6 +139,9 @@ def _folded_model(clf, scaler):
               help="Fraction of the rows held out for validation (of the non-test rows when the data has its own test part); 0 for none.")
 @click.option("--test-fraction", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.15, show_default=True,
               help="Used when the data has no test part of its own.")
+@click.option("--label-column", default=None, metavar="INDEX|NAME",
+              help="CSV/NPZ label column: an index (0 = first, -1 = last) or a CSV header name. "
+                   "[default: CSV: the column named label/target/class/y, else the last; NPZ: the last]")
 @click.option("--no-standardize", is_flag=True, help="Train on raw features (default: standardise).")
 @click.option("--no-sklearn", is_flag=True, help="Skip the scikit-learn LogisticRegression comparison.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
@@ -145,7 +149,7 @@ def _folded_model(clf, scaler):
 @click.option("--no-plots", is_flag=True, help="Write metrics.json and the model only.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the final summary line.")
 def train(data_spec, solver, alpha, max_iter, tol, learning_rate, schedule, batch_size, seed,
-          val_fraction, test_fraction, no_standardize, no_sklearn, out_dir, no_plots, quiet):
+          val_fraction, test_fraction, label_column, no_standardize, no_sklearn, out_dir, no_plots, quiet):
     """Train a linear softmax classifier and compare it with scikit-learn.
 
     With no options: the 8x8 digits that ship with scikit-learn, L-BFGS, alpha=1e-3.
@@ -168,8 +172,13 @@ def train(data_spec, solver, alpha, max_iter, tol, learning_rate, schedule, batc
     if max_iter is None:
         max_iter = {"lbfgs": 200, "gd": 1000, "sgd": 50}[solver]
 
+    # a run folder that cannot be created fails before any work (it is made only after training)
+    out = Path(out_dir) if out_dir else Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    why = _uncreatable(out)
+    if why:
+        raise click.ClickException(f"cannot create the output folder {str(out)!r}: {why}")
     try:
-        data = datasets.load(data_spec, seed=seed)
+        data = datasets.load(data_spec, seed=seed, label_column=label_column)
         parts = datasets.prepare(data, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
                                  standardize=not no_standardize)
     except (ValueError, FileNotFoundError, ImportError) as exc:
@@ -212,18 +221,27 @@ def train(data_spec, solver, alpha, max_iter, tol, learning_rate, schedule, batc
                             learning_rate=learning_rate, schedule=schedule, batch_size=batch_size,
                             random_state=seed, callback=on_iteration)
     start = time.perf_counter()
+    from sklearn.exceptions import ConvergenceWarning
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if quiet:
-            clf.fit(parts.X_train, parts.y_train)
-        else:
-            with click.progressbar(length=max_iter, label=f"Training ({solver})", width=30,
-                                   item_show_func=lambda _: _objective_text(state["objective"]),
-                                   show_eta=False, show_percent=False, show_pos=True) as bar:
+        try:
+            if quiet:
                 clf.fit(parts.X_train, parts.y_train)
-                bar.update(max_iter - bar.pos)  # a converged run finishes the bar
+            else:
+                with click.progressbar(length=max_iter, label=f"Training ({solver})", width=30,
+                                       item_show_func=lambda _: _objective_text(state["objective"]),
+                                       show_eta=False, show_percent=False, show_pos=True) as bar:
+                    clf.fit(parts.X_train, parts.y_train)
+                    bar.update(max_iter - bar.pos)  # a converged run finishes the bar
+        except ValueError as exc:  # e.g. a diverging gd/sgd run
+            raise click.ClickException(str(exc)) from exc
     fit_seconds = time.perf_counter() - start
-    converged = not any("did not converge" in str(w.message) for w in caught)
+    not_converged = [w for w in caught if issubclass(w.category, ConvergenceWarning)]
+    converged = not not_converged
+    for w in not_converged:
+        if "abnormally" in str(w.message):
+            echo(f"warning: {w.message}")
     echo(f"{'converged' if converged else 'stopped (max_iter reached, not converged)'} after "
          f"{clf.n_iter_} {unit} in {fit_seconds:.3f} s; final objective {clf.objective_:.8f}")
 
@@ -271,11 +289,12 @@ def train(data_spec, solver, alpha, max_iter, tol, learning_rate, schedule, batc
         echo(f"objective: relative difference {rel:.2e} (alpha = {alpha:g} <-> sklearn C = {theirs['C']:.6g}); "
              + timing)
 
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = Path(out_dir) if out_dir else Path("runs") / stamp
-    out.mkdir(parents=True, exist_ok=True)
     model = _folded_model(clf, parts.scaler)
-    model.save(out / "model.npz")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        model.save(out / "model.npz")
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {str(out / 'model.npz')!r}: {exc.strerror or exc}") from exc
     files = ["metrics.json", "model.npz"]
     if not no_plots:
         files += _write_plots(out, clf, parts, data, classes, solver, theirs, quiet)
@@ -296,6 +315,23 @@ def train(data_spec, solver, alpha, max_iter, tol, learning_rate, schedule, batc
     summary = (f"test accuracy {100 * ours['test_accuracy']:.2f} %, objective {ours['objective']:.6f}, "
                f"{fit_seconds:.2f} s; wrote {out}/: {', '.join(files)}")
     click.echo(summary if quiet else f"\nWrote {out}/: {', '.join(files)}")
+
+
+def _uncreatable(folder: Path) -> str | None:
+    """Why ``folder`` cannot be created (or used), or None: checked on its nearest existing ancestor."""
+    path = folder.expanduser().absolute()
+    if path.exists():
+        if not path.is_dir():
+            return "it exists and is not a folder"
+        return None if os.access(path, os.W_OK | os.X_OK) else "it is not writable"
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{str(parent)!r} is not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{str(parent)!r} is not writable"
+    return None
 
 
 def _json_default(value):
