@@ -43,7 +43,6 @@ differentiable ops; meta and fake tensors give shapes and dtypes.
 
 from __future__ import annotations
 
-import numbers
 
 import torch
 from torch import nn
@@ -285,34 +284,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def _validate(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size):
     """Types, shapes, devices and options; returns the checked options."""
-    _tv.check_tensor(hidden, "hidden")
-    _tv.check_tensor(weight, "weight")
-    _tv.check_tensor(target, "target")
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-    _tv.check_float(hidden, "hidden")
-    if hidden.dim() < 2 or hidden.shape[-1] == 0:
-        raise ValueError(f"hidden must have shape (N, D) or (B, T, D) with D >= 1, got {tuple(hidden.shape)}")
-    if hidden.numel() == 0:
-        raise ValueError(f"hidden has no rows (shape {tuple(hidden.shape)}); need at least one")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
-        raise ValueError(f"weight must have shape (V, {hidden.shape[-1]}) with V >= 1, got {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
-    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != hidden.dtype):
-        raise ValueError(f"bias must have shape ({weight.shape[0]},) and dtype {hidden.dtype}, "
-                         f"got {tuple(bias.shape)} {bias.dtype}")
-    for name, value in (("weight", weight), ("target", target), ("bias", bias)):
-        _tv.check_same_device(value, name, hidden, "hidden")
-    _tv.check_index_dtype(target)
-    if tuple(target.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"target shape {tuple(target.shape)} must equal hidden.shape[:-1] = "
-                         f"{tuple(hidden.shape[:-1])}")
+    _tv.check_linear_head(hidden, weight, target, bias)
     opts = _rule.CrossEntropyOptions.checked(ignore_index=ignore_index, reduction=reduction,
                                              label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    _tv.check_chunk_size(chunk_size)
     return opts
 
 

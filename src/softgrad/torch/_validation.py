@@ -11,6 +11,7 @@ naming the argument. Whether the data-dependent checks may run at all is
 from __future__ import annotations
 
 import contextlib
+import numbers
 
 import torch
 from torch import Tensor
@@ -119,3 +120,38 @@ def autocast_off(device: torch.device):
         return torch.autocast(device.type, enabled=False)
     except RuntimeError:
         return contextlib.nullcontext()
+
+
+def check_linear_head(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None) -> None:
+    """Types, shapes, dtypes and devices of a linear head ``hidden (N, D) or (B, T, D)``, ``weight (V, D)``,
+    ``target hidden.shape[:-1]`` and ``bias (V,)`` or None (``linear_cross_entropy``, ``linear_logprobs``)."""
+    check_tensor(hidden, "hidden")
+    check_tensor(weight, "weight")
+    check_tensor(target, "target")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    check_float(hidden, "hidden")
+    if hidden.dim() < 2 or hidden.shape[-1] == 0:
+        raise ValueError(f"hidden must have shape (N, D) or (B, T, D) with D >= 1, got {tuple(hidden.shape)}")
+    if hidden.numel() == 0:
+        raise ValueError(f"hidden has no rows (shape {tuple(hidden.shape)}); need at least one")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"weight must have shape (V, {hidden.shape[-1]}) with V >= 1, got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if bias is not None and (tuple(bias.shape) != (weight.shape[0],) or bias.dtype != hidden.dtype):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},) and dtype {hidden.dtype}, "
+                         f"got {tuple(bias.shape)} {bias.dtype}")
+    for name, value in (("weight", weight), ("target", target), ("bias", bias)):
+        check_same_device(value, name, hidden, "hidden")
+    check_index_dtype(target)
+    if tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"target shape {tuple(target.shape)} must equal hidden.shape[:-1] = "
+                         f"{tuple(hidden.shape[:-1])}")
+
+
+def check_chunk_size(chunk_size) -> None:
+    """``chunk_size`` is None or a positive int."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
