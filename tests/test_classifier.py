@@ -421,6 +421,74 @@ def test_load_rejects_malformed_and_foreign_files(tmp_path):
     assert zipfile.is_zipfile(good)
 
 
+@pytest.mark.parametrize("scaler_kind", ["standardizer", "sklearn", "sklearn-no-mean", "sklearn-no-std"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_save_with_preprocessing_takes_raw_features(tmp_path, rng, scaler_kind, dtype):
+    """The folded model on raw X equals the fitted model on standardised X (logits to rounding)."""
+    from sklearn.preprocessing import StandardScaler
+
+    from softgrad.datasets import Standardizer
+
+    X_raw = rng.normal(size=(300, 5)) * np.array([1.0, 10.0, 0.1, 100.0, 3.0]) + np.array([5.0, -20, 0.3, 1e3, 0])
+    y = rng.integers(0, 3, size=300)
+    scaler = {"standardizer": lambda: Standardizer().fit(X_raw),
+              "sklearn": lambda: StandardScaler().fit(X_raw),
+              "sklearn-no-mean": lambda: StandardScaler(with_mean=False).fit(X_raw),
+              "sklearn-no-std": lambda: StandardScaler(with_std=False).fit(X_raw)}[scaler_kind]()
+    X_std = scaler.transform(X_raw).astype(dtype)
+    clf = SoftmaxClassifier(alpha=1e-2).fit(X_std, y)
+    path = clf.save(tmp_path / "m.npz", preprocessing=scaler)
+    with np.load(path, allow_pickle=False) as npz:
+        assert json.loads(npz["header"].tobytes())["preprocessing"] == "standardize (folded into coef/intercept)"
+        assert npz["coef"].dtype == dtype
+    loaded = SoftmaxClassifier.load(path)
+    assert loaded._saved_preprocessing.startswith("standardize")
+    rtol = 1e-10 if dtype == np.float64 else 2e-4
+    z_expected = clf.decision_function(X_std).astype(np.float64)
+    np.testing.assert_allclose(loaded.decision_function(X_raw.astype(dtype)), z_expected,
+                               rtol=rtol, atol=rtol * np.abs(z_expected).max())
+    np.testing.assert_array_equal(loaded.predict(X_raw), clf.predict(scaler.transform(X_raw)))
+    assert clf.coef_.dtype == dtype and not np.shares_memory(loaded.coef_, clf.coef_)  # clf untouched
+
+
+def test_save_preprocessing_none_and_bad_scalers(tmp_path):
+    from sklearn.exceptions import NotFittedError
+    from sklearn.preprocessing import MinMaxScaler, StandardScaler
+
+    from softgrad.datasets import Standardizer
+
+    X, y = IRIS
+    clf = SoftmaxClassifier().fit(X, y)
+    assert SoftmaxClassifier.load(clf.save(tmp_path / "raw.npz", preprocessing="none"))._saved_preprocessing == "none"
+    assert SoftmaxClassifier.load(clf.save(tmp_path / "plain.npz"))._saved_preprocessing is None
+    np.testing.assert_array_equal(SoftmaxClassifier.load(tmp_path / "raw.npz").coef_, clf.coef_)
+    with pytest.raises(TypeError, match="preprocessing must be None, 'none' or a fitted"):
+        clf.save(tmp_path / "m.npz", preprocessing="standardize")
+    with pytest.raises(TypeError, match="got MinMaxScaler"):
+        clf.save(tmp_path / "m.npz", preprocessing=MinMaxScaler().fit(X))
+    with pytest.raises(NotFittedError, match="StandardScaler is not fitted"):
+        clf.save(tmp_path / "m.npz", preprocessing=StandardScaler())
+    with pytest.raises(NotFittedError, match="Standardizer is not fitted"):
+        clf.save(tmp_path / "m.npz", preprocessing=Standardizer())
+    with pytest.raises(ValueError, match="has shape \\(3,\\), but the model has 4 features"):
+        clf.save(tmp_path / "m.npz", preprocessing=StandardScaler().fit(X[:, :3]))
+    bad = Standardizer().fit(X)
+    bad.scale_ = bad.scale_ * np.array([1.0, 0.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        clf.save(tmp_path / "m.npz", preprocessing=bad)
+    bad.scale_ = np.array([1.0, np.nan, 1.0, 1.0])
+    with pytest.raises(ValueError, match="scale contains NaN"):
+        clf.save(tmp_path / "m.npz", preprocessing=bad)
+    assert not (tmp_path / "m.npz").exists()  # refused before anything is written
+    with np.load(tmp_path / "plain.npz", allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    header = json.loads(arrays["header"].tobytes())
+    arrays["header"] = np.frombuffer(json.dumps({**header, "preprocessing": "minmax"}).encode(), dtype=np.uint8)
+    _write_npz(tmp_path / "foreign-pre.npz", **arrays)
+    with pytest.raises(ValueError, match="header entry 'preprocessing' = 'minmax' must be 'none' or"):
+        SoftmaxClassifier.load(tmp_path / "foreign-pre.npz")
+
+
 def test_save_refuses_unsaveable_labels_and_unfitted(tmp_path):
     X, y = IRIS
     labels = np.empty(3, dtype=object)

@@ -596,22 +596,59 @@ class SoftmaxClassifier(_LinearClassifier):
         return self.alpha
 
     # ----------------------------------------------------------- save/load
-    def save(self, path) -> Path:
+    def save(self, path, *, preprocessing=None) -> Path:
         """Write the fitted model to ``path`` as ``.npz`` without pickle.
 
         The file holds a JSON header (format name and version, softgrad version,
-        parameters, label type) and the arrays ``coef``, ``intercept``, ``classes``,
-        ``loss_curve`` and, if present, ``feature_names_in``. Labels must be numbers,
-        booleans or strings.
+        parameters, label type, the input it takes) and the arrays ``coef``,
+        ``intercept``, ``classes``, ``loss_curve`` and, if present, ``feature_names_in``.
+        Labels must be numbers, booleans or strings.
+
+        Args:
+            path: the file to write.
+            preprocessing: how the features given to :meth:`fit` were prepared, so that
+                the file (and ``softgrad predict``) takes raw features whichever way the
+                model was made:
+
+                - a fitted standardisation, ``x -> (x - mean) / scale``: a
+                  :class:`softgrad.datasets.Standardizer` or a fitted
+                  ``sklearn.preprocessing.StandardScaler`` (``with_mean=False`` /
+                  ``with_std=False`` honoured). It is folded into the stored weights,
+                  ``W_raw = W / scale`` and ``b_raw = b - W_raw @ mean`` (exact up to
+                  rounding, since ``z = W (x - mean) / scale + b`` is linear in ``x``), so
+                  the loaded model takes raw features; the header records
+                  ``"preprocessing": "standardize (folded into coef/intercept)"``.
+                - ``"none"``: the model was fitted on raw features; recorded as such.
+                - ``None`` (default): nothing is recorded. ``softgrad predict`` then warns
+                  when the data look unscaled, since it cannot tell a model fitted on
+                  standardised features from one fitted on raw ones.
 
         Returns:
             The path written.
 
         Raises:
-            sklearn.exceptions.NotFittedError: the model is not fitted.
-            TypeError: labels or feature names of a type that cannot be stored without pickle.
+            sklearn.exceptions.NotFittedError: the model (or the ``StandardScaler``) is not fitted.
+            TypeError: labels or feature names of a type that cannot be stored without
+                pickle; ``preprocessing`` of an unsupported kind.
+            ValueError: ``preprocessing`` statistics of the wrong length or not finite,
+                or a zero/negative scale.
         """
         check_is_fitted(self)
+        coef, intercept, recorded = self.coef_, self.intercept_, None
+        if isinstance(preprocessing, str):
+            if preprocessing != "none":
+                raise TypeError(f"preprocessing must be None, 'none' or a fitted Standardizer/StandardScaler, "
+                                f"got the string {preprocessing!r}")
+            recorded = "none"
+        elif preprocessing is not None:
+            mean, scale = _standardization_statistics(preprocessing, int(self.n_features_in_))
+            coef_raw = coef.astype(np.float64) / scale[None, :]
+            intercept_raw = intercept.astype(np.float64) - coef_raw @ mean
+            coef, intercept = coef_raw.astype(coef.dtype), intercept_raw.astype(intercept.dtype)
+            if not (np.isfinite(coef).all() and np.isfinite(intercept).all()):
+                raise ValueError("preprocessing: folding the standardisation into the weights overflows "
+                                 f"{coef.dtype} (scale as small as {scale.min():.3g})")
+            recorded = _FOLDED_STANDARDIZATION
         classes, label_kind = _encode_labels(self.classes_)
         params = {k: v for k, v in self.get_params().items() if k not in ("callback", "random_state")}
         if isinstance(params["class_weight"], dict):
@@ -623,8 +660,10 @@ class SoftmaxClassifier(_LinearClassifier):
                   "softgrad": _softgrad_version(), "label_kind": label_kind,
                   "n_features_in": int(self.n_features_in_), "n_iter": int(self.n_iter_),
                   "objective": float(self.objective_), "params": params}
+        if recorded is not None:
+            header["preprocessing"] = recorded
         arrays = {"header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
-                  "coef": self.coef_, "intercept": self.intercept_, "classes": classes,
+                  "coef": coef, "intercept": intercept, "classes": classes,
                   "loss_curve": self.loss_curve_}
         if hasattr(self, "feature_names_in_"):
             names, _ = _encode_labels(np.asarray(self.feature_names_in_))
@@ -756,6 +795,8 @@ class SoftmaxClassifier(_LinearClassifier):
         objective = header.get("objective")
         model.objective_ = float("nan") if objective is None else float(objective)
         model.n_features_in_ = D
+        # what the file says of its input (None: not recorded); read by `softgrad predict`
+        model._saved_preprocessing = header.get("preprocessing")
         if names_in is not None:
             model.feature_names_in_ = names_in.astype(object)
         return model
@@ -927,7 +968,9 @@ def _class_weights(class_weight, classes, target, sample_weight):
 
 
 # ---------------------------------------------------------------- model file schema
-_ZIP_MIN_BYTES = 22  # an empty zip archive is its 22-byte end-of-directory record
+_ZIP_MIN_BYTES = 22
+# the header's "preprocessing" of a model saved with a standardisation folded into its weights
+_FOLDED_STANDARDIZATION = "standardize (folded into coef/intercept)"  # an empty zip archive is its 22-byte end-of-directory record
 
 # The header keys the loader reads: name -> (required, accepted JSON types, extra check or None).
 # Keys not listed are ignored, so a later writer may add optional keys (e.g. preprocessing).
@@ -940,6 +983,8 @@ _HEADER_SCHEMA = {
     "n_iter": (False, (int,), lambda v: v >= 0 or "must be >= 0"),
     "objective": (False, (int, float, type(None)), None),
     "params": (True, (dict,), None),
+    "preprocessing": (False, (str,), lambda v: v in ("none", _FOLDED_STANDARDIZATION)
+                      or f"must be 'none' or {_FOLDED_STANDARDIZATION!r}"),
 }
 
 # label_kind -> the stored classes' dtype kinds it accepts
@@ -980,6 +1025,37 @@ def _check_class_weight_entry(cw):
     if len(set(labels)) != len(labels):
         return "params.class_weight: duplicated labels"
     return None
+
+
+def _standardization_statistics(scaler, n_features):
+    """``(mean (D,), scale (D,))`` in float64 of a fitted Standardizer or StandardScaler."""
+    from sklearn.exceptions import NotFittedError
+    from sklearn.preprocessing import StandardScaler
+
+    from softgrad.datasets import Standardizer
+
+    if not isinstance(scaler, (Standardizer, StandardScaler)):
+        raise TypeError("preprocessing must be None, 'none' or a fitted softgrad.datasets.Standardizer or "
+                        f"sklearn.preprocessing.StandardScaler, got {type(scaler).__name__}")
+    mean, scale = getattr(scaler, "mean_", None), getattr(scaler, "scale_", None)
+    fitted = hasattr(scaler, "n_features_in_") if isinstance(scaler, StandardScaler) else mean is not None
+    if not fitted:
+        raise NotFittedError(f"preprocessing: this {type(scaler).__name__} is not fitted; fit it on the "
+                             "training features first")
+    stats = []
+    for name, value, neutral in (("mean", mean, 0.0), ("scale", scale, 1.0)):
+        # StandardScaler(with_mean=False) has mean_ None (or kept but unused), with_std=False scale_ None
+        used = getattr(scaler, "with_mean" if name == "mean" else "with_std", True)
+        arr = np.full(n_features, neutral) if value is None or not used else np.asarray(value, dtype=np.float64)
+        if arr.shape != (n_features,):
+            raise ValueError(f"preprocessing: the scaler's {name} has shape {arr.shape}, but the model has "
+                             f"{n_features} features")
+        if not np.isfinite(arr).all():
+            raise ValueError(f"preprocessing: the scaler's {name} contains NaN or infinity")
+        stats.append(arr)
+    if (stats[1] <= 0).any():
+        raise ValueError(f"preprocessing: the scaler's scale must be > 0, got min {stats[1].min():.3g}")
+    return stats[0], stats[1]
 
 
 def _encode_labels(labels):

@@ -60,3 +60,40 @@ def test_predict_errors(trained, tmp_path):
     (tmp_path / "fake.npz").write_bytes(b"PK\x03\x04 not really")
     result = CliRunner().invoke(main, ["predict", str(tmp_path / "fake.npz"), "digits"])
     assert result.exit_code != 0 and "not a softgrad model file" in result.output
+
+
+def test_train_records_its_preprocessing(trained, tmp_path):
+    """``softgrad train`` folds the standardisation in and says so: no warning on raw digits."""
+    assert SoftmaxClassifier.load(trained)._saved_preprocessing.startswith("standardize")
+    result = CliRunner().invoke(main, ["predict", str(trained), "digits", "--out", str(tmp_path / "p.csv")])
+    assert result.exit_code == 0 and "warning" not in result.stderr, result.output
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")  # raw pixels, 50 iterations
+def test_predict_warns_on_unscaled_data_for_a_model_without_preprocessing(tmp_path):
+    from softgrad.datasets import digits, prepare
+
+    data = prepare(digits(), seed=0)
+    clf = SoftmaxClassifier(alpha=1e-3).fit(data.X_train, data.y_train)
+    bare = clf.save(tmp_path / "bare.npz")
+    raw = CliRunner().invoke(main, ["predict", str(bare), "digits", "--out", str(tmp_path / "p.csv")])
+    assert raw.exit_code == 0, raw.output
+    assert "was saved without a record of its preprocessing and digits looks unscaled" in raw.stderr
+    assert "preprocessing=scaler" in raw.stderr
+    # standardised data with the same model: no warning
+    np.savez(tmp_path / "std.npz", X=data.X_test, y=data.y_test)
+    scaled = CliRunner().invoke(main, ["predict", str(bare), f"npz:{tmp_path / 'std.npz'}",
+                                       "--out", str(tmp_path / "q.csv")])
+    assert scaled.exit_code == 0 and "warning" not in scaled.stderr, scaled.output
+    # the same model saved with its scaler: raw digits are right and nothing is said
+    folded = clf.save(tmp_path / "folded.npz", preprocessing=data.scaler)
+    good = CliRunner().invoke(main, ["predict", str(folded), "digits", "--out", str(tmp_path / "r.csv")])
+    assert good.exit_code == 0 and "warning" not in good.stderr, good.output
+    accuracy = float(good.stderr.split("accuracy ")[1].split(" %")[0])
+    bad_accuracy = float(raw.stderr.split("accuracy ")[1].split(" %")[0])
+    assert accuracy > 95 and bad_accuracy < accuracy - 5
+    # a model saved as fitted on raw features is not second-guessed
+    raw_model = SoftmaxClassifier(max_iter=50).fit(digits().X, digits().y).save(tmp_path / "rawfit.npz",
+                                                                                preprocessing="none")
+    quiet = CliRunner().invoke(main, ["predict", str(raw_model), "digits", "--out", str(tmp_path / "s.csv")])
+    assert quiet.exit_code == 0 and "warning" not in quiet.stderr, quiet.output

@@ -1,8 +1,10 @@
 """``softgrad predict MODEL DATA``: apply a model saved by ``softgrad train`` (or ``SoftmaxClassifier.save``).
 
 ``DATA`` is a data spec as for ``softgrad train`` (``digits``, ``mnist:PATH``,
-``csv:PATH``, a ``.csv``/``.npz`` path, ...). The model takes raw features (``train``
-folds its standardisation into the weights). Predictions are written as CSV (``row,
+``csv:PATH``, a ``.csv``/``.npz`` path, ...). The model takes raw features when it was
+saved with its preprocessing (``softgrad train`` and ``SoftmaxClassifier.save(path,
+preprocessing=scaler)`` fold the standardisation into the weights); a model saved
+without any record of it, applied to data that look unscaled, gets a warning. Predictions are written as CSV (``row,
 prediction`` and, with ``--proba``, one probability column per class) to ``--out`` or
 standard output; when the data has labels, the accuracy goes to standard error.
 """
@@ -49,6 +51,13 @@ def predict(model_path, data_spec, out_path, proba, no_labels, label_column):
     if X.shape[1] != model.n_features_in_:
         raise click.ClickException(
             f"{data.name} has {X.shape[1]} features but the model {model_path!r} expects {model.n_features_in_}")
+    unscaled = _unscaled_summary(X) if model._saved_preprocessing is None else None
+    if unscaled:
+        click.echo(f"warning: {model_path} was saved without a record of its preprocessing and {data.name} "
+                   f"looks unscaled ({unscaled}). If the model was fitted on standardised features its "
+                   "predictions here are wrong: save it with SoftmaxClassifier.save(path, preprocessing=scaler) "
+                   "(softgrad train does), or with preprocessing='none' if it was fitted on raw features.",
+                   err=True)
     labels = model.predict(X)
     probs = model.predict_proba(X) if proba else None
 
@@ -74,3 +83,22 @@ def predict(model_path, data_spec, out_path, proba, no_labels, label_column):
     if out_path:
         message += f"; wrote {out_path}"
     click.echo(message, err=True)
+
+
+def _unscaled_summary(X):
+    """A description of how ``X`` (N, D) departs from standardised features, or None.
+
+    Features standardised with training statistics have per-column means near 0 and
+    standard deviations near 1 on new data; the test looks at the medians over the
+    non-constant columns, so a few odd columns do not trigger it.
+    """
+    if X.shape[0] < 2:
+        return None
+    mean, std = X.mean(axis=0), X.std(axis=0)
+    varying = std > 0
+    if not varying.any():
+        return None
+    mid_mean, mid_std = float(np.median(np.abs(mean[varying]))), float(np.median(std[varying]))
+    if mid_mean <= 1.0 and 1 / 3 <= mid_std <= 3.0:
+        return None
+    return f"median |column mean| {mid_mean:.3g}, median column std {mid_std:.3g}; standardised data have 0 and 1"

@@ -103,19 +103,6 @@ def _fmt(value, kind):
     return str(value)
 
 
-def _folded_model(clf, scaler):
-    """A copy of ``clf`` that takes raw features: the standardisation folded into coef/intercept."""
-    from sklearn.base import clone
-
-    raw = clone(clf).set_params(callback=None)
-    for attr in ("classes_", "n_iter_", "loss_curve_", "objective_", "n_features_in_"):
-        setattr(raw, attr, getattr(clf, attr))
-    raw.coef_, raw.intercept_ = clf.coef_.copy(), clf.intercept_.copy()
-    if scaler is not None:
-        raw.coef_, raw.intercept_ = scaler.fold(clf.coef_, clf.intercept_)
-    return raw
-
-
 @click.command()
 @click.option("--data", "data_spec", default="digits", show_default=True, metavar="SPEC",
               help="digits | spiral[:K] | cifar10:PATH | mnist:PATH | fashion-mnist:PATH | csv:PATH | npz:PATH")
@@ -289,10 +276,10 @@ def train(data_spec, solver, alpha, max_iter, tol, learning_rate, schedule, batc
         echo(f"objective: relative difference {rel:.2e} (alpha = {alpha:g} <-> sklearn C = {theirs['C']:.6g}); "
              + timing)
 
-    model = _folded_model(clf, parts.scaler)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        model.save(out / "model.npz")
+        # the saved model takes raw features: the standardisation is folded into its weights
+        clf.save(out / "model.npz", preprocessing=parts.scaler if parts.scaler is not None else "none")
     except OSError as exc:
         raise click.ClickException(f"cannot write {str(out / 'model.npz')!r}: {exc.strerror or exc}") from exc
     files = ["metrics.json", "model.npz"]
