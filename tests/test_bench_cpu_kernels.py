@@ -31,7 +31,7 @@ def test_cpu_kernel_benchmark_quick_mode_end_to_end():
     timed = {(r["op"], r["impl"]) for r in payload["rows"] if "median_ms" in r}
     for op in ("softmax", "loss+grad"):
         assert {(op, name) for name in ("numba", "softgrad[numba]", "softgrad[numba]+out", "numpy_ref", "cs231n",
-                                        "copy", "exp", "exp_arith")} <= timed
+                                        "copy", "copy_fresh", "exp", "exp_arith")} <= timed
     assert ("loss+grad", "numba_inplace") in timed and ("linear", "numba") in timed
     peers = {name for _, name in timed}
     for module, name in (("scipy", "scipy"), ("torch", "torch"), ("sklearn", "sklearn")):
@@ -41,11 +41,12 @@ def test_cpu_kernel_benchmark_quick_mode_end_to_end():
     numba_rows = [r for r in payload["rows"] if r["impl"] == "numba" and r["op"] != "linear"]
     assert all(r["x_copy"] > 0 for r in numba_rows)
     assert {t["op"] for t in payload["targets"]} == {"softmax", "loss+grad"}
-    assert all(t["api_x_copy"] > 0 and t["api_out_x_copy"] > 0 for t in payload["targets"])
+    assert all(t["api_x_copy"] > 0 and t["api_out_x_copy"] > 0 and t["api_x_copy_fresh"] > 0
+               for t in payload["targets"])
     from bench_cpu_kernels import markdown  # noqa: E402 - the README table has the API columns
 
     table = markdown(payload)
-    assert "`softgrad.*` API, `out=`" in table and "`softgrad.*` API |" in table
+    assert "`softgrad.*` API, `out=`" in table and "`softgrad.*` API |" in table and "fresh copy" in table
     assert payload["quick"] is True and len(payload["load_average_before"]) == 3
 
 
