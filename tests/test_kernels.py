@@ -150,3 +150,41 @@ def test_extreme_logits_stay_finite(K):
     K.cross_entropy_index(z, np.array([1, 0]), None, -100, 0.0, np.ones(2), loss, grad)
     np.testing.assert_allclose(loss, [2e4, math.log(3)])
     assert np.isfinite(grad).all()
+
+
+# ------------------------------------------------------------- sparse linear products
+def _naive_csr_products(data, indices, indptr, B, G):
+    """``X @ B`` and ``G.T @ X`` in float64 by loops over the stored entries (duplicates add)."""
+    N, D = indptr.shape[0] - 1, B.shape[0]
+    xb, gtx = np.zeros((N, B.shape[1])), np.zeros((G.shape[1], D))
+    for i in range(N):
+        for k in range(indptr[i], indptr[i + 1]):
+            xb[i] += float(data[k]) * B[indices[k]].astype(np.float64)
+            gtx[:, indices[k]] += float(data[k]) * G[i].astype(np.float64)
+    return xb, gtx
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 5, 3), (300, 900, 20)])
+def test_csr_products_match_loops(K, rng, dtype, index_dtype, shape):
+    """Empty rows, unused columns, unsorted and duplicated column indices, C = 1."""
+    N, D, C = shape
+    counts = rng.integers(0, 6, size=N)
+    counts[0] = 0 if N > 1 else 1  # an empty row (when there are others)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(index_dtype)
+    indices = rng.integers(0, max(1, D // 2), size=int(indptr[-1])).astype(index_dtype)  # half the columns unused
+    if indices.size > 1:
+        indices[1] = indices[0]  # a duplicate
+    data = rng.normal(size=indices.size).astype(dtype)
+    B = rng.normal(size=(D, C)).astype(dtype)
+    G = rng.normal(size=(N, C)).astype(dtype)
+    xb_ref, gtx_ref = _naive_csr_products(data, indices, indptr, B, G)
+    xb, gtx = np.full((N, C), np.nan, dtype=dtype), np.full((C, D), np.nan, dtype=dtype)
+    copies = [a.copy() for a in (data, indices, indptr, B, G)]
+    assert K.csr_dense_matmul(data, indices, indptr, B, xb) == 0
+    assert K.csr_transpose_matmul(data, indices, indptr, G, gtx) == 0
+    np.testing.assert_allclose(xb, xb_ref, **tolerance(dtype))
+    np.testing.assert_allclose(gtx, gtx_ref, **tolerance(dtype))
+    for before, after in zip(copies, (data, indices, indptr, B, G)):
+        np.testing.assert_array_equal(before, after)  # inputs only read

@@ -79,17 +79,27 @@ def _blocks(X, dtype):
 
 
 def _xwt_into(Xb, coef, out):
-    """``out = Xb @ coef.T`` (``out`` is C-contiguous ``(n, C)``)."""
+    """``out = Xb @ coef.T`` (``out`` is C-contiguous ``(n, C)``).
+
+    CSR ``Xb`` goes to the backend's row-parallel kernel (with ``coef.T`` made
+    contiguous, ``(D, C)``: each stored entry reads one contiguous row of it); CSC to SciPy.
+    """
     if is_sparse(Xb):
-        out[...] = Xb @ coef.T
+        if Xb.format == "csr" and Xb.dtype == out.dtype:
+            _kernels().csr_dense_matmul(Xb.data, Xb.indices, Xb.indptr, np.ascontiguousarray(coef.T), out)
+        else:
+            out[...] = Xb @ coef.T
     else:
         np.matmul(Xb, coef.T, out=out)
 
 
 def _gtx_into(G, Xb, out):
-    """``out = G.T @ Xb``, ``(C, D)``; for sparse ``Xb`` as ``(Xb.T @ G).T``."""
+    """``out = G.T @ Xb``, ``(C, D)``; CSR ``Xb`` by the backend's kernel, CSC as SciPy's ``(Xb.T @ G).T``."""
     if is_sparse(Xb):
-        out[...] = (Xb.T @ G).T
+        if Xb.format == "csr" and Xb.dtype == out.dtype:
+            _kernels().csr_transpose_matmul(Xb.data, Xb.indices, Xb.indptr, G, out)
+        else:
+            out[...] = (Xb.T @ G).T
     else:
         np.matmul(G.T, Xb, out=out)
 
@@ -128,8 +138,9 @@ def objective_and_gradient(coef, intercept, X, target, row_scale, alpha, work, l
     ``C = 1`` and ``G_i = r_i (sigmoid(z_i) - y_i)``.
 
     ``G^T X`` is computed as written, ``work.T @ X`` into a C-contiguous ``(C, D)``
-    result: with OpenBLAS this is up to twice as fast as ``(X.T @ work).T``. For sparse
-    ``X`` both products are SciPy's: ``X @ coef.T`` and ``(X.T @ work).T``.
+    result: with OpenBLAS this is up to twice as fast as ``(X.T @ work).T``. For CSR
+    ``X`` both products are the backend's ``csr_dense_matmul`` / ``csr_transpose_matmul``
+    (Numba: parallel over rows; NumPy backend: SciPy's); for CSC ``X`` SciPy's.
     float32 ``X`` under float64 ``coef`` runs block by block (see the module
     docstring): logits, loss kernel and gradient for one block of rows, then the next.
 

@@ -7,7 +7,6 @@ accumulation of a bf16 weight gradient -- each against plain float64 PyTorch.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")

@@ -728,6 +728,57 @@ def _cross_entropy_softcap(logits, index_target, prob_target, is_prob, weight, h
     return n_bad.sum()
 
 
+# ------------------------------------------------------------- sparse linear products
+# The linear model's two products with a CSR matrix X (N, D) given by (data, indices,
+# indptr): parallel over rows, no temporary the size of X or of the (N, C) result.
+# Entries are accumulated in the output's dtype, as a BLAS product would; duplicated
+# and unsorted column indices are summed, as SciPy's products do.
+
+
+@njit(**_JIT)
+def _csr_dense_matmul(data, indices, indptr, dense, out, n_chunks):
+    N, C = out.shape
+    for c in prange(n_chunks):
+        acc = np.empty(C, dtype=out.dtype)
+        lo, hi = _chunk(c, n_chunks, N)
+        for i in range(lo, hi):
+            acc[:] = 0.0
+            for k in range(indptr[i], indptr[i + 1]):
+                v = out.dtype.type(data[k])
+                d_row = dense[indices[k]]
+                for j in range(C):
+                    acc[j] += v * d_row[j]
+            for j in range(C):
+                out[i, j] = acc[j]
+    return 0
+
+
+@njit(**_JIT)
+def _csr_transpose_matmul(data, indices, indptr, dense, out, partial):
+    # partial (P, D, C): chunk p of the rows scatters v * dense[i] into partial[p, column];
+    # then the chunks' sums are added, in parallel over columns, into out (C, D).
+    N, C = dense.shape
+    P, D = partial.shape[0], partial.shape[1]
+    for p in prange(P):
+        acc = partial[p]
+        acc[:] = 0.0
+        lo, hi = _chunk(p, P, N)
+        for i in range(lo, hi):
+            g = dense[i]
+            for k in range(indptr[i], indptr[i + 1]):
+                v = out.dtype.type(data[k])
+                a_row = acc[indices[k]]
+                for j in range(C):
+                    a_row[j] += v * g[j]
+    for col in prange(D):
+        for j in range(C):
+            total = partial[0, col, j]
+            for p in range(1, P):
+                total += partial[p, col, j]
+            out[j, col] = total
+    return 0
+
+
 # ----------------------------------------------------------------------------- contract
 # Elements per block of a row: 16 KiB, so that a block stays in L1 between its passes.
 _BLOCK_BYTES = 16384
@@ -888,3 +939,20 @@ def _register_threadpoolctl_controller() -> None:
 
 
 _register_threadpoolctl_controller()
+
+
+def csr_dense_matmul(data, indices, indptr, dense, out) -> int:
+    """``out = X @ dense`` for CSR ``X (N, D)`` = ``(data, indices, indptr)``; ``dense (D, C)``, ``out (N, C)``."""
+    return int(_k(_csr_dense_matmul)(data, indices, indptr, dense, out, _n_chunks(out.shape[0])))
+
+
+def csr_transpose_matmul(data, indices, indptr, dense, out) -> int:
+    """``out = dense.T @ X`` ``(C, D)`` for CSR ``X (N, D)`` and ``dense (N, C)``.
+
+    Each thread sums its rows' contributions into its own ``(D, C)`` buffer (allocated
+    here: ``threads * D * C`` entries), then the buffers are added.
+    """
+    C, D = out.shape
+    P = max(1, min(numba.get_num_threads(), dense.shape[0]))
+    partial = np.empty((P, D, C), dtype=out.dtype)
+    return int(_k(_csr_transpose_matmul)(data, indices, indptr, dense, out, partial))

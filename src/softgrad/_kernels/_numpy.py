@@ -234,3 +234,22 @@ def cross_entropy_probs(logits, target, weight, label_smoothing, grad_scale, los
             grad = _rule.gradient(a, None, u, alpha, beta, gamma, th, prob_target=True, need_u=True)
             grad_out[b] = np.where(bad[:, None], np.nan, grad)
     return n_bad
+
+
+# ------------------------------------------------------------- sparse linear products
+def _csr(data, indices, indptr, n_cols):
+    import scipy.sparse
+
+    return scipy.sparse.csr_matrix((data, indices, indptr), shape=(indptr.shape[0] - 1, n_cols), copy=False)
+
+
+def csr_dense_matmul(data, indices, indptr, dense, out) -> int:
+    """``out = X @ dense`` for CSR ``X (N, D)`` = ``(data, indices, indptr)``; ``dense (D, C)``, ``out (N, C)``."""
+    out[...] = _csr(data, indices, indptr, dense.shape[0]) @ dense
+    return 0
+
+
+def csr_transpose_matmul(data, indices, indptr, dense, out) -> int:
+    """``out = dense.T @ X`` ``(C, D)`` for CSR ``X (N, D)`` and ``dense (N, C)``."""
+    out[...] = (_csr(data, indices, indptr, out.shape[1]).T @ dense).T
+    return 0

@@ -402,7 +402,7 @@ def fit_data_parallel(estimator, X_shard, y_shard, *, group=None, sample_weight=
     local_work = float(X.nnz if sparse else X.shape[0] * D)  # multiply-adds per class of X @ W.T
     stats = reducer.sum(np.append(np.bincount(target, weights=s, minlength=C), [counts.sum(), local_work]),
                         "class weights")
-    per_class, n_total, total_work = stats[:C], stats[C], stats[C + 1]
+    per_class, total_work = stats[:C], stats[C + 1]
     if not per_class.sum() > 0:
         raise ValueError("sample_weight (times class_weight) sums to zero over all ranks: nothing to fit")
     present = per_class > 0

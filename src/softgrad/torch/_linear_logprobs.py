@@ -43,7 +43,7 @@ from torch import Tensor
 from softgrad import _cross_entropy_rule as _rule
 from softgrad.torch import _validation as _tv
 from softgrad.torch._cross_entropy import _check_targets
-from softgrad.torch._linear_cross_entropy import choose_chunk_size
+from softgrad.torch._linear_cross_entropy import _accumulate_mm_, choose_chunk_size
 from softgrad.torch._torch_cross_entropy import compute_dtype
 
 __all__ = ["LogprobsOutput", "linear_logprobs"]
@@ -138,12 +138,9 @@ def _accumulate(grad: Tensor, hidden: Tensor, weight: Tensor, rows: slice, grad_
     if grad_h is not None:
         grad_h[rows] = torch.mm(g, weight)  # (n, V) @ (V, D)
     if grad_w is not None:
-        if grad_w.dtype == g.dtype:
-            grad_w.addmm_(g.t(), hidden[rows])  # (V, n) @ (n, D), in place
-        else:
-            # bfloat16/float16: each chunk's product (float32 inside the GEMM) is rounded once and
-            # summed in float32, so the running sum is not rounded once per chunk
-            grad_w.add_(torch.mm(g.t(), hidden[rows]))
+        # (V, n) @ (n, D) added in place; a bfloat16/float16 head's float32 sum takes each
+        # chunk's product unrounded (as linear_cross_entropy's accumulation does)
+        _accumulate_mm_(grad_w, g.t(), hidden[rows])
 
 
 def _grad_buffers(hidden: Tensor, weight: Tensor, bias: Tensor | None, need, cdt):
