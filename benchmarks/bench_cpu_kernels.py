@@ -530,9 +530,8 @@ def markdown(payload: dict) -> str:
                 cell = f"{by[k]['median_ms']:.0f}" if by[k]["median_ms"] >= 10 else f"{by[k]['median_ms']:.1f}"
                 if k in ("numba", "numba_inplace", "softgrad[numba]", "softgrad[numba]+out", "copy_fresh") \
                         and "x_copy" in by[k]:
-                    cell += f" ({by[k]['x_copy']:.2f}x)"
-                if k == "softgrad[numba]" and "x_copy_fresh" in by[k]:
-                    cell += f" ({by[k]['x_copy_fresh']:.2f}x fresh)"
+                    fresh = f"; {by[k]['x_copy_fresh']:.2f}x fresh" if k == "softgrad[numba]" and "x_copy_fresh" in by[k] else ""
+                    cell += f" ({by[k]['x_copy']:.2f}x{fresh})"
                 cells.append(cell)
             lines.append(f"| {op} | {shape.replace('x', ' x ')} | " + " | ".join(cells) + " |")
         lines.append("")

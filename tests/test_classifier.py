@@ -237,14 +237,29 @@ def test_small_fits_run_on_one_thread(monkeypatch):
     SoftmaxClassifier(max_iter=2, callback=lambda n, J: seen.append(blas_threads())).fit(X, y)
     assert seen and all(set(t.values()) == {1} for t in seen)
     monkeypatch.setattr(_classifier, "_SERIAL_MAX_WORK", 1)  # now every fit counts as large
+    # dense: BLAS keeps the caller's threads (it runs the products), the kernels get one
     seen.clear()
     SoftmaxClassifier(solver="gd", max_iter=2, callback=lambda n, J: seen.append(blas_threads())).fit(X, y)
-    assert seen and all(t == outside for t in seen)
+    assert seen and all(t == {**outside, "numba": 1} for t in seen if "numba" in outside), seen
+    assert seen and all({k: v for k, v in t.items() if k != "numba"} ==
+                        {k: v for k, v in outside.items() if k != "numba"} for t in seen)
+    assert blas_threads() == outside
+    # sparse: the products are the kernels', so BLAS gets one thread and the kernels keep theirs
+    import scipy.sparse
+
+    seen.clear()
+    SoftmaxClassifier(solver="gd", max_iter=2, callback=lambda n, J: seen.append(threadpool_info())).fit(
+        scipy.sparse.csr_matrix(X), y)
+    assert seen
+    for info in seen:
+        for p in info:
+            expected = 1 if p["user_api"] == "blas" else outside[p["internal_api"]]
+            assert p["num_threads"] == expected, (p, outside)
     assert blas_threads() == outside
 
 
 def test_lbfgs_limits_only_scipys_own_blas(monkeypatch):
-    """During L-BFGS-B, SciPy's bundled BLAS runs on one thread; NumPy's BLAS and the kernels keep theirs."""
+    """During a dense L-BFGS-B fit, SciPy's bundled BLAS runs on one thread; NumPy's BLAS keeps its threads."""
     import scipy
     from threadpoolctl import threadpool_info
 
@@ -257,7 +272,7 @@ def test_lbfgs_limits_only_scipys_own_blas(monkeypatch):
 
     outside = threads()
     blas = {str(Path(p["filepath"]).resolve()) for p in threadpool_info() if p["user_api"] == "blas"}
-    own = [f for f in blas if f.startswith((scipy_dir + "/", scipy_dir + ".libs/"))]
+    own = {f for f in blas if f.startswith((scipy_dir + "/", scipy_dir + ".libs/"))}
     if not own:
         pytest.skip("SciPy shares its BLAS with NumPy here: nothing of SciPy's own to limit")
     if max(outside.values()) < 2:
@@ -267,9 +282,11 @@ def test_lbfgs_limits_only_scipys_own_blas(monkeypatch):
     X, y = IRIS
     SoftmaxClassifier(max_iter=3, callback=lambda n, J: seen.append(threads())).fit(X, y)
     assert seen
+    numba_files = {str(Path(p["filepath"]).resolve()) for p in threadpool_info() if p["internal_api"] == "numba"}
     for during in seen:
-        assert all(during[f] == 1 for f in own), during
-        assert {f: t for f, t in during.items() if f not in own} == {f: t for f, t in outside.items() if f not in own}
+        assert all(during[f] == 1 for f in own | numba_files), during  # the kernels: see the test above
+        keep = set(during) - own - numba_files
+        assert {f: during[f] for f in keep} == {f: outside[f] for f in keep}
     assert threads() == outside
 
 

@@ -1,9 +1,9 @@
 """Linear classifiers on top of the losses: softmax (cross-entropy) and multiclass SVM.
 
-CS231n conventions (seed 001): weights ``W (D, C)``, data ``X (N, D)``, labels
+CS231n conventions: weights ``W (D, C)``, data ``X (N, D)``, labels
 ``y (N,)`` in ``[0, C)``, scores ``X @ W (+ b)`` of shape ``(N, C)``, the data loss
 averaged over the ``N`` rows and an L2 penalty ``reg * sum(W**2)`` (the bias is not
-penalised). Both losses have the gradient form of seed 001's remark,
+penalised). Both losses have the gradient form of CS231n's remark,
 
     dW = X.T @ margin / N + 2 * reg * W,      db = sum_i margin[i] / N,
 
@@ -17,7 +17,7 @@ kernel), and maps ``d loss / d scores`` back through the matrix product.
 ``method="naive"`` is the explicit double loop over rows and classes, in float64,
 kept as the readable reference the vectorised path is tested against.
 
-The softmax *layer* functions follow seed 002 instead: one sample ``x (N,)``, weights
+The softmax *layer* functions follow Bendersky's article instead: one sample ``x (N,)``, weights
 ``W (T, N)`` (``T`` classes), logits ``W @ x``, and ``W`` flattened row-major into a
 vector of length ``T * N``, so ``W[i, j]`` is entry ``i * N + j``.
 """
@@ -225,7 +225,7 @@ def linear_softmax_loss(W: Any, X: Any, y: Any, reg: float = 0.0, *, b: Any = No
     where :math:`Y` is the one-hot matrix of ``y`` and :math:`R = \mathrm{diag}(r)`.
     ``method="vectorized"`` runs in the compute dtype of the inputs (float16 in float32)
     through the active backend's cross-entropy kernel, with ``X @ W`` and ``X.T @ G`` as
-    SciPy sparse products when ``X`` is sparse; ``method="naive"`` is seed 001's loop
+    SciPy sparse products when ``X`` is sparse; ``method="naive"`` is CS231n's ``softmax_loss_naive`` loop
     over rows and classes, always in float64. The two agree to ~1e-12 in float64.
 
     Args:
@@ -334,7 +334,7 @@ def linear_svm_loss(W: Any, X: Any, y: Any, reg: float = 0.0, *, delta: float = 
 
     with :math:`M_{ij} = \mathbb{1}[s_{ij} - s_{iy_i} + \Delta > 0]` for :math:`j \ne y_i`
     and :math:`M_{iy_i} = -\sum_{j \ne y_i} M_{ij}` -- the same ``X.T @ margin`` form as
-    :func:`linear_softmax_loss` (seed 001). At a kink (a margin exactly 0) the
+    :func:`linear_softmax_loss` (CS231n). At a kink (a margin exactly 0) the
     subgradient 0 is used. ``db = sum_i M_i / N``.
 
     Args:
@@ -367,7 +367,7 @@ def linear_svm_loss(W: Any, X: Any, y: Any, reg: float = 0.0, *, delta: float = 
     return _finish(loss, dW, db, reg, W, b, result_dtype)
 
 
-# ---------------------------------------------------------------- the softmax layer (seed 002)
+# ---------------------------------------------------------------- the softmax layer (Bendersky)
 
 
 def softmax_layer_jacobian(W: Any, x: Any) -> np.ndarray:

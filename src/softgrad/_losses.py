@@ -304,7 +304,8 @@ def softmax_mse(logits: Any, target: Any, *, axis: int = -1):
         TypeError, ValueError: as :func:`cross_entropy` (no ``ignore_index`` here).
 
     Examples:
-        The worked example of seed 003 (``z = [1, 2, 3, 0, 1]``, label 3):
+        The worked example of the step-by-step softmax derivation (README [D]):
+        ``z = [1, 2, 3, 0, 1]``, label 3.
 
         >>> loss, grad = softmax_mse(np.array([1.0, 2, 3, 0, 1]), 3)
         >>> grad.round(8)
