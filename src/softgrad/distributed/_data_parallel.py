@@ -422,11 +422,13 @@ def fit_data_parallel(estimator, X_shard, y_shard, *, group=None, sample_weight=
                      else "float64")
     curve = _Curve(est, rank)
     # float32 X is read as it is (no float64 copy; the float64 phase casts blocks of rows)
-    if est.solver == "lbfgs":
-        X32 = _classifier._as_float32(X) if precision == "mixed" else None
-        W, b, objective, converged = _fit_lbfgs(est, X, X32, target, row_scale, W, b, reducer, curve)
-    else:
-        W, b, objective, converged = _fit_gd(est, X, target, row_scale, W, b, reducer, curve)
+    # this rank's threads as in SoftmaxClassifier.fit, from its own work per evaluation
+    with _classifier._thread_limit(local_work * C, sparse):
+        if est.solver == "lbfgs":
+            X32 = _classifier._as_float32(X) if precision == "mixed" else None
+            W, b, objective, converged = _fit_lbfgs(est, X, X32, target, row_scale, W, b, reducer, curve)
+        else:
+            W, b, objective, converged = _fit_gd(est, X, target, row_scale, W, b, reducer, curve)
 
     # every rank ran the same solver on the same numbers; make sure they ended in the same place
     theta = _pack(W, b)
