@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import sys
 from dataclasses import dataclass, replace
 from typing import Iterator
 
@@ -56,7 +57,20 @@ def get_kernel() -> str:
     return _get_kernel_for_tracing() if torch.compiler.is_compiling() else _SETTINGS.get().kernel
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result(fn)`` without importing ``torch._dynamo`` here.
+
+    The decorator imports ``torch._dynamo`` (about a second, half of ``import softgrad.torch``)
+    only to set a marker attribute on ``fn``; until Dynamo is loaded the same marker is set
+    directly. ``tests/torch/test_settings.py`` checks that it is the one torch's decorator sets.
+    """
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _get_kernel_for_tracing() -> str:
     return _SETTINGS.get().kernel
 
