@@ -90,13 +90,15 @@ def _raise_or_hang(rank, world):
 
 
 def test_launcher_reports_exceptions_and_kills_what_does_not_finish():
+    # the timeout counts from the spawn, so it also covers rank 0's start-up (importing torch
+    # and joining the group), which takes well over 8 s on a loaded 2-core machine
     start = time.monotonic()
     with pytest.raises(WorkersFailed, match="rank 0: ArithmeticError: deliberate failure on rank 0") as info:
-        run_workers(_raise_or_hang, 2, timeout=8)
-    assert time.monotonic() - start < 25
+        run_workers(_raise_or_hang, 2, timeout=20)
+    assert time.monotonic() - start < 45
     raised, stuck = info.value.results
     assert not raised.ok and "Traceback" in raised.traceback and raised.exitcode == 0
-    assert not stuck.ok and stuck.error == "no result within 8 s; killed"
+    assert not stuck.ok and stuck.error == "no result within 20 s; killed"
 
 
 def test_launcher_rejects_bad_arguments():
