@@ -51,19 +51,11 @@ from softgrad.distributed._vocab_parallel import (
 )
 from softgrad.torch import _settings
 from softgrad.torch._cross_entropy import CrossEntropyOutput, _statistics
-from softgrad.torch._linear_cross_entropy import choose_chunk_size
+from softgrad.torch._linear_cross_entropy import _chunk_logits, choose_chunk_size
 from softgrad.torch._torch_cross_entropy import compute_dtype
 from softgrad.torch import _validation as _tv
 
 __all__ = ["vocab_parallel_linear_cross_entropy"]
-
-
-def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, rows: slice) -> Tensor:
-    """``z_c = h_c W_k^T + b_k`` for one chunk of rows, a fresh C-contiguous ``(n, V_k)`` tensor."""
-    z = torch.mm(hidden[rows], weight.t())
-    if bias is not None:
-        z.add_(bias)
-    return z
 
 
 class _VocabParallelLinearCrossEntropy(torch.autograd.Function):

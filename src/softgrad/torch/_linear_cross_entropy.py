@@ -105,7 +105,10 @@ def choose_chunk_size(n_rows: int, vocab: int, device: torch.device, *, softcap:
 
 
 def _chunk_logits(hidden, weight, bias, rows: slice):
-    """``z_c = h_c W^T + b`` for one chunk of rows: a fresh ``(n, V)`` tensor in the input dtype."""
+    """``z_c = h_c W^T + b`` for one chunk of rows: a fresh ``(n, V)`` tensor in the input dtype.
+
+    Also a vocabulary shard's ``(n, V_k)`` chunk in :mod:`softgrad.distributed._vocab_parallel_linear`.
+    """
     z = torch.mm(hidden[rows], weight.t())  # low-precision inputs accumulate in fp32 inside the GEMM
     if bias is not None:
         z = z.add_(bias) if not z.requires_grad else z + bias
