@@ -283,13 +283,8 @@ def vocab_parallel_linear_cross_entropy(
                     return_predicted_tokens=return_predicted_tokens, return_entropy=return_entropy)
     with_stats = return_token_accuracy or return_predicted_tokens or return_entropy
     group, rank, world = _comm.resolve_group(group)
-    device_type = hidden.device.type
     out_dtype = hidden.dtype
-    if _tv.autocast_enabled(hidden.device):
-        # the head's matmul runs in the autocast dtype, as nn.Linear's would; the casts are autograd ops
-        low = torch.get_autocast_dtype(device_type)
-        hidden, weight_shard = hidden.to(low), weight_shard.to(low)
-        bias_shard = bias_shard.to(low) if bias_shard is not None else None
+    hidden, weight_shard, bias_shard = _tv.autocast_head(hidden, weight_shard, bias_shard)
     batch_shape = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = target.reshape(-1).to(torch.int64).contiguous()

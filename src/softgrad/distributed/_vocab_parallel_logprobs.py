@@ -280,11 +280,7 @@ def vocab_parallel_linear_logprobs(
         raise NotImplementedError(f"{_WHAT} does not support forward-mode AD or torch.func transforms; use "
                                   "softgrad.torch.linear_logprobs on the gathered weight for those")
     group, rank, world = _comm.resolve_group(group)
-    if _tv.autocast_enabled(hidden.device):
-        # the head's GEMMs run in the autocast dtype, as nn.Linear's would; the casts are autograd ops
-        low = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight_shard = hidden.to(low), weight_shard.to(low)
-        bias_shard = bias_shard.to(low) if bias_shard is not None else None
+    hidden, weight_shard, bias_shard = _tv.autocast_head(hidden, weight_shard, bias_shard)
     batch_shape = target.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = target.reshape(-1).to(torch.int64).contiguous()

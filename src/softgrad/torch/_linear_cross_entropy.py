@@ -423,14 +423,8 @@ def linear_cross_entropy(
                      chunk_size)
     _tv.check_flags(shift=shift, return_lse=return_lse, return_token_accuracy=return_token_accuracy,
                     return_predicted_tokens=return_predicted_tokens, return_entropy=return_entropy)
-    device_type = hidden.device.type
     out_dtype = hidden.dtype  # the caller's dtype: float32 master weights under autocast give a float32 loss
-    if _tv.autocast_enabled(hidden.device):
-        # Under autocast the head's matmul runs in the autocast dtype, as nn.Linear's
-        # would; the casts are ordinary autograd ops, so fp32 master weights get fp32 grads.
-        low = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(low), weight.to(low)
-        bias = bias.to(low) if bias is not None else None
+    hidden, weight, bias = _tv.autocast_head(hidden, weight, bias)
     vocab = weight.shape[0]
     cdt = compute_dtype(hidden.dtype)
     accum = _accum_dtype(accum_dtype, weight.dtype)

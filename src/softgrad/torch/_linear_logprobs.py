@@ -396,11 +396,7 @@ def linear_logprobs(
     """
     temperature, ignore_index = _validate(hidden, weight, target, bias, temperature, return_entropy, ignore_index,
                                           chunk_size)
-    if _tv.autocast_enabled(hidden.device):
-        # the head's GEMMs run in the autocast dtype, as nn.Linear's would; the casts are autograd ops
-        low = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight = hidden.to(low), weight.to(low)
-        bias = bias.to(low) if bias is not None else None
+    hidden, weight, bias = _tv.autocast_head(hidden, weight, bias)
     batch_shape = target.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = target.reshape(-1).to(torch.int64)
