@@ -32,7 +32,6 @@ Each chunk costs one GEMM in the forward and three in the backward; the peak ext
 from __future__ import annotations
 
 import math
-import numbers
 import zlib
 
 import torch
@@ -158,12 +157,10 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
 def _validate(hidden, weight, target, bias, reduction, ignore_index, label_smoothing, z_loss, softcap,
               chunk_size) -> _rule.CrossEntropyOptions:
     for name, value in (("hidden", hidden), ("weight_shard", weight), ("target", target)):
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        _tv.check_tensor(value, name)
     if bias is not None and not isinstance(bias, Tensor):
         raise TypeError(f"bias_shard must be a torch.Tensor or None, got {type(bias).__name__}")
-    if hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"hidden must be float16, bfloat16, float32 or float64, got {hidden.dtype}")
+    _tv.check_float(hidden, "hidden")
     if hidden.dim() < 2 or hidden.shape[-1] == 0:
         raise ValueError(f"hidden must have shape (N, D) or (B, T, D) with D >= 1, got {tuple(hidden.shape)}")
     if hidden.numel() == 0:
@@ -176,8 +173,7 @@ def _validate(hidden, weight, target, bias, reduction, ignore_index, label_smoot
         raise ValueError(f"bias_shard must have shape ({weight.shape[0]},) and dtype {hidden.dtype}, got "
                          f"{tuple(bias.shape)} {bias.dtype}")
     for name, value in (("weight_shard", weight), ("target", target), ("bias_shard", bias)):
-        if value is not None and value.device != hidden.device:
-            raise ValueError(f"{name} is on {value.device} but hidden is on {hidden.device}")
+        _tv.check_same_device(value, name, hidden, "hidden")
     if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
         raise TypeError(f"target must hold integer class indices, got {target.dtype}")
     if tuple(target.shape) != tuple(hidden.shape[:-1]):
@@ -185,9 +181,7 @@ def _validate(hidden, weight, target, bias, reduction, ignore_index, label_smoot
                          f"{tuple(hidden.shape[:-1])}")
     opts = _rule.CrossEntropyOptions.checked(ignore_index=ignore_index, reduction=reduction,
                                              label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    _tv.check_chunk_size(chunk_size)
     return opts
 
 

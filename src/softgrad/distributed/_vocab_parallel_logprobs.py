@@ -37,7 +37,6 @@ The row chunks (:func:`softgrad.torch._linear_cross_entropy._row_chunks`), the l
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import Tensor
@@ -182,9 +181,7 @@ def _validate(hidden, weight, target, bias, temperature, return_entropy, ignore_
     temperature = _check_temperature(temperature, target, hidden, "hidden")
     _tv.check_flags(return_entropy=return_entropy)
     _rule.CrossEntropyOptions.checked(ignore_index=ignore_index)  # an int that fits int64
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    _tv.check_chunk_size(chunk_size)
     return temperature
 
 
