@@ -25,16 +25,6 @@ from softgrad.torch import cross_entropy, linear_cross_entropy  # noqa: E402
 F64 = dict(rtol=1e-10, atol=1e-12)
 
 
-@pytest.fixture(scope="module")
-def world_of_one():
-    """A gloo process group of this process alone, torn down after the module."""
-    if dist.is_initialized():
-        pytest.skip("a default process group is already initialised in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield dist.group.WORLD
-    dist.destroy_process_group()
-
-
 def test_public_api():
     assert sorted(sd.__all__) == ["CollectiveError", "fit_data_parallel", "vocab_parallel_cross_entropy",
                                   "vocab_parallel_linear_cross_entropy", "vocab_parallel_linear_logprobs"]

@@ -21,15 +21,6 @@ from softgrad.torch import linear_logprobs  # noqa: E402
 F64 = dict(rtol=1e-10, atol=1e-12)
 
 
-@pytest.fixture(scope="module")
-def world_of_one():
-    if dist.is_initialized():
-        pytest.skip("a default process group is already initialised in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield dist.group.WORLD
-    dist.destroy_process_group()
-
-
 def _problem(seed, shape=(3, 5), dim=4, vocab=9):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(*shape, dim, generator=g, dtype=torch.float64)

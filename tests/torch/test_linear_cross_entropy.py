@@ -4,13 +4,12 @@ autograd plumbing (tied weights, accumulation, compile, autocast) and bounded me
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
+from _peak_memory import measure
 
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
@@ -232,7 +231,7 @@ def test_chunk_size_choice_is_bounded():
     assert choose_chunk_size(10**6, 10**9, cpu) == 1
 
 
-_MEASURE = textwrap.dedent("""
+_MEASURE = """
     import json, sys, torch, torch.nn.functional as F
     from softgrad.torch._linear_cross_entropy import linear_cross_entropy
     torch.set_num_threads(1)
@@ -241,10 +240,6 @@ _MEASURE = textwrap.dedent("""
     h = torch.randn(n, d, generator=g).requires_grad_()
     w = (torch.randn(v, d, generator=g) * 0.05).requires_grad_()
     t = torch.randint(0, v, (n,), generator=g)
-    def status_kib(key):
-        for line in open("/proc/self/status"):
-            if line.startswith(key):
-                return int(line.split()[1])
     def run(h, w, t):
         if variant == "ours":
             loss = linear_cross_entropy(h, w, t, chunk_size=128)
@@ -258,12 +253,9 @@ _MEASURE = textwrap.dedent("""
         return loss
     # a tiny call first: one-time lazy initialisation (dispatcher, thread pool) is not the algorithm's memory
     run(torch.randn(8, d, requires_grad=True), torch.randn(64, d, requires_grad=True), torch.zeros(8, dtype=torch.long))
-    open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS high-water mark (Linux)
-    before = status_kib("VmRSS")
-    loss = run(h, w, t)
-    peak = status_kib("VmHWM") - before
+    loss, peak = peak_extra_kib(lambda: run(h, w, t))
     print(json.dumps({"peak_extra_kib": peak, "loss": loss.item()}))
-""")
+"""
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
@@ -275,12 +267,8 @@ def test_peak_memory_bounded_vs_unfused():
     variants = ["ours", "unfused"]
     if hasattr(torch.nn, "LinearCrossEntropyOptions"):
         variants.append("torch_lce")  # PyTorch >= 2.13's own chunked implementation
-    # a fixed mmap threshold makes glibc return large freed blocks at once: RSS tracks live tensors
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
     for variant in variants:
-        out = subprocess.run([sys.executable, "-c", _MEASURE, variant, str(n), str(d), str(v)],
-                             capture_output=True, text=True, check=True, timeout=120, env=env)
-        res[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+        res[variant] = measure(_MEASURE, variant, n, d, v, timeout=120)
     np.testing.assert_allclose(res["ours"]["loss"], res["unfused"]["loss"], rtol=1e-5)
     logits_kib = n * v * 4 // 1024
     assert res["unfused"]["peak_extra_kib"] >= logits_kib  # the reference really materialises N x V

@@ -4,15 +4,12 @@ ignored tokens, temperatures, a GRPO-style loss, validation and bounded memory."
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
-import textwrap
 import zlib
 
 import numpy as np
 import pytest
+from _peak_memory import measure
 
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
@@ -407,7 +404,7 @@ def test_public_api_exports():
     assert st.linear_logprobs is linear_logprobs
 
 
-_MEASURE = textwrap.dedent("""
+_MEASURE = """
     import json, sys, torch
     from softgrad.torch import linear_logprobs
     torch.set_num_threads(1)
@@ -416,10 +413,6 @@ _MEASURE = textwrap.dedent("""
     h = torch.randn(n, d, generator=g).requires_grad_()
     w = (torch.randn(v, d, generator=g) * 0.05).requires_grad_()
     t = torch.randint(0, v, (n,), generator=g)
-    def status_kib(key):
-        for line in open("/proc/self/status"):
-            if line.startswith(key):
-                return int(line.split()[1])
     def run(h, w, t):
         if variant == "ours":
             out = linear_logprobs(h, w, t, return_entropy=True, chunk_size=64)
@@ -430,11 +423,9 @@ _MEASURE = textwrap.dedent("""
         (lp.sum() + 0.01 * ent.sum()).backward()
         return lp.sum()
     run(torch.randn(8, d, requires_grad=True), torch.randn(64, d, requires_grad=True), torch.zeros(8, dtype=torch.long))
-    open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS high-water mark (Linux)
-    before = status_kib("VmRSS")
-    total = run(h, w, t)
-    print(json.dumps({"peak_extra_kib": status_kib("VmHWM") - before, "total": total.item()}))
-""")
+    total, peak = peak_extra_kib(lambda: run(h, w, t))
+    print(json.dumps({"peak_extra_kib": peak, "total": total.item()}))
+"""
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
@@ -442,12 +433,7 @@ def test_peak_memory_never_holds_the_logits():
     # N x V float32 = 32 MiB; the unfused path holds log_p, p and their gradients; ours a few buffers
     # of one 64-row chunk (2 MiB each), grad_W (1 MiB) and grad_h
     n, d, v = 1024, 32, 8192
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
-    res = {}
-    for variant in ("ours", "unfused"):
-        out = subprocess.run([sys.executable, "-c", _MEASURE, variant, str(n), str(d), str(v)],
-                             capture_output=True, text=True, check=True, timeout=120, env=env)
-        res[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+    res = {variant: measure(_MEASURE, variant, n, d, v, timeout=120) for variant in ("ours", "unfused")}
     np.testing.assert_allclose(res["ours"]["total"], res["unfused"]["total"], rtol=1e-5)
     logits_kib = n * v * 4 // 1024
     assert res["unfused"]["peak_extra_kib"] >= logits_kib, res

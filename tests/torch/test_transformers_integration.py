@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
-import os
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _peak_memory import measure
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -308,7 +305,7 @@ def test_example_script_runs():
     assert len(losses) == 3 and all(np.isfinite(losses))
 
 
-_MEASURE = textwrap.dedent("""
+_MEASURE = """
     import json, sys, torch, transformers
     from softgrad.torch.integrations import transformers as sg_hf
     torch.set_num_threads(1)
@@ -319,10 +316,6 @@ _MEASURE = textwrap.dedent("""
     model = transformers.LlamaForCausalLM(config).train()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab, (batch, length), generator=g)
-    def status_kib(key):
-        for line in open("/proc/self/status"):
-            if line.startswith(key):
-                return int(line.split()[1])
     def step(ids):
         model.zero_grad(set_to_none=False)  # gradient buffers exist from the warm-up: not counted
         out = model(ids, labels=ids, use_cache=False)
@@ -335,12 +328,10 @@ _MEASURE = textwrap.dedent("""
         else:
             sg_hf.unapply(model)
         step(ids[:, :8])  # warm-up: lazy initialisation, gradient buffers
-        open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS high-water mark (Linux)
-        before = status_kib("VmRSS")
-        loss = step(ids)
-        res[variant] = {"peak_extra_kib": status_kib("VmHWM") - before, "loss": loss}
+        loss, peak = peak_extra_kib(lambda: step(ids))
+        res[variant] = {"peak_extra_kib": peak, "loss": loss}
     print(json.dumps(res))
-""")
+"""
 
 
 @pytest.mark.slow  # a fresh interpreter importing transformers: ~15 s
@@ -349,10 +340,7 @@ def test_peak_memory_lower_than_unpatched():
     # N x V float32 = 2 x 256 x 32000 x 4 B = 62.5 MiB; transformers holds the logits, their
     # log-softmax and their gradient; softgrad one chunk of rows at a time
     vocab, batch, length = 32000, 2, 256
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # freed large blocks leave RSS at once
-    out = subprocess.run([sys.executable, "-c", _MEASURE, str(vocab), str(batch), str(length)],
-                         capture_output=True, text=True, check=True, timeout=180, env=env)
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res = measure(_MEASURE, vocab, batch, length, timeout=180)
     np.testing.assert_allclose(res["softgrad"]["loss"], res["transformers"]["loss"], rtol=1e-5)
     logits_kib = batch * length * vocab * 4 // 1024
     assert res["transformers"]["peak_extra_kib"] >= logits_kib, res  # the reference really holds N x V

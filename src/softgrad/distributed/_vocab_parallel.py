@@ -64,7 +64,7 @@ from softgrad.torch import _validation as _tv
 
 __all__ = ["vocab_parallel_cross_entropy"]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_DTYPES = _tv.FLOAT_DTYPES  # _agree sends a dtype as its index in this tuple
 
 
 # ----------------------------------------------------------------------------- agreement between ranks
@@ -380,19 +380,15 @@ def _refuse_double_backward(what: str) -> None:
 def _validate(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, return_lse,
               inplace_backward) -> tuple[bool, _rule.CrossEntropyOptions]:
     """Local type/shape/option checks (no communication); returns whether targets are probabilities, and the options."""
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"logits_shard must be a torch.Tensor, got {type(logits).__name__}")
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if logits.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"logits_shard must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    _tv.check_tensor(logits, "logits_shard")
+    _tv.check_tensor(target, "target")
+    _tv.check_float(logits, "logits_shard")
     if logits.dim() != 2:
         raise ValueError(f"logits_shard must have shape (N, V_shard) (flatten batch dimensions first), got "
                          f"{tuple(logits.shape)}")
     if logits.shape[0] == 0:
         raise ValueError("logits_shard has no rows (shape (0, V_shard)); need at least one row")
-    if target.device != logits.device:
-        raise ValueError(f"target is on {target.device} but logits_shard is on {logits.device}")
+    _tv.check_same_device(target, "target", logits, "logits_shard")
     prob = target.is_floating_point()
     if prob:
         if target.shape != logits.shape:
@@ -404,25 +400,11 @@ def _validate(logits, target, weight, ignore_index, reduction, label_smoothing, 
         if tuple(target.shape) != (logits.shape[0],):
             raise ValueError(f"target must have shape ({logits.shape[0]},) (one global class index per row), got "
                              f"{tuple(target.shape)}")
-    if weight is not None:
-        if not isinstance(weight, Tensor):
-            raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
-        if not weight.is_floating_point():
-            raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
-        if weight.dim() != 1:
-            raise ValueError(f"weight must be 1-D: the full (V,) class weights or this rank's (V_shard,) slice, got "
-                             f"shape {tuple(weight.shape)}")
-        if weight.device != logits.device:
-            raise ValueError(f"weight is on {weight.device} but logits_shard is on {logits.device}")
-        if weight.requires_grad and torch.is_grad_enabled():
-            raise ValueError("weight requires grad, but the cross-entropy has no gradient with respect to the class "
-                             "weights (neither has PyTorch's); pass weight.detach()")
+    _tv.check_weight(weight, None, logits, "logits_shard")  # the full (V,) weights or this rank's slice
     opts = _rule.CrossEntropyOptions.checked(ignore_index=ignore_index, reduction=reduction,
                                              label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
     opts.check_target_kind(prob)
-    for name, value in (("return_lse", return_lse), ("inplace_backward", inplace_backward)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    _tv.check_flags(return_lse=return_lse, inplace_backward=inplace_backward)
     return prob, opts
 
 

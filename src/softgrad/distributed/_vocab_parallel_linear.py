@@ -32,7 +32,6 @@ Each chunk costs one GEMM in the forward and three in the backward; the peak ext
 from __future__ import annotations
 
 import math
-import numbers
 import zlib
 
 import torch
@@ -51,19 +50,37 @@ from softgrad.distributed._vocab_parallel import (
 )
 from softgrad.torch import _settings
 from softgrad.torch._cross_entropy import CrossEntropyOutput, _statistics
-from softgrad.torch._linear_cross_entropy import choose_chunk_size
+from softgrad.torch._linear_cross_entropy import _chunk_logits, _row_chunks, choose_chunk_size
 from softgrad.torch._torch_cross_entropy import compute_dtype
 from softgrad.torch import _validation as _tv
 
 __all__ = ["vocab_parallel_linear_cross_entropy"]
 
 
-def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, rows: slice) -> Tensor:
-    """``z_c = h_c W_k^T + b_k`` for one chunk of rows, a fresh C-contiguous ``(n, V_k)`` tensor."""
-    z = torch.mm(hidden[rows], weight.t())
-    if bias is not None:
-        z.add_(bias)
-    return z
+# ----------------------------------------------------------------------------- pieces of both heads
+# (this module's cross-entropy and softgrad.distributed._vocab_parallel_logprobs)
+def _agree_head(group, rank: int, world: int, hidden: Tensor, weight_shard: Tensor, bias_shard: Tensor | None,
+                target: Tensor, options: tuple, ignore_index: int, *more) -> Layout:
+    """The layout of a head's shards (:func:`_agree`: one max all-reduce of ``2 P + 16`` int64).
+
+    ``hidden`` is the flattened ``(N, D)``, ``target`` the ``(N,)`` int64 indices. Besides the
+    options every rank must agree on ``D``, a bias or not, a gradient for ``hidden`` or not (whether
+    the backward's all-reduce of ``grad_h`` happens), and ``more``.
+    """
+    with_grad = torch.is_grad_enabled() and hidden.requires_grad
+    extra = zlib.crc32(repr((hidden.shape[1], bias_shard is not None, with_grad, *more)).encode())
+    return _agree(group, rank, world, rows=hidden.shape[0], width=weight_shard.shape[0], prob=False,
+                  dtype=hidden.dtype, options=options, target=target, ignore_index=ignore_index, weight=None,
+                  extra=extra, device=hidden.device, what="hidden")
+
+
+def _sum_grad_hidden(grad_h: Tensor | None, hidden: Tensor, group, what: str) -> Tensor | None:
+    """``dloss/dh = sum_k G_k W_k``: one sum all-reduce of this shard's ``(N, D)`` part (the hidden
+    states are replicated), then cast to ``hidden``'s dtype; None (no gradient asked) stays None."""
+    if grad_h is None:
+        return None
+    _comm.all_reduce(grad_h, "sum", group, f"{what} grad_hidden")
+    return grad_h.to(hidden.dtype)
 
 
 class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
@@ -81,8 +98,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             stats[1].fill_(-math.inf)
         else:
             module, extra = row_kernels(hidden.device, kernel)
-            for start in range(0, n_rows, chunk_size):
-                rows = slice(start, min(start + chunk_size, n_rows))
+            for rows in _row_chunks(n_rows, chunk_size):
                 z = _chunk_logits(hidden, weight, bias, rows)
                 chunk = module.row_stats(z, target[rows], None, class_offset=layout.offset,
                                          num_classes=layout.num_classes, label_smoothing=label_smoothing,
@@ -119,8 +135,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         grad_b = torch.zeros(weight.shape[0], dtype=cdt, device=weight.device) if need_b and bias is not None else None
         if layout.width:
             module, extra = row_kernels(hidden.device, ctx.kernel)
-            for start in range(0, n_rows, ctx.chunk_size):
-                rows = slice(start, min(start + ctx.chunk_size, n_rows))
+            for rows in _row_chunks(n_rows, ctx.chunk_size):
                 h_c = hidden[rows]
                 z = _chunk_logits(hidden, weight, bias, rows)
                 # G = (alpha a - beta onehot - gamma u) (1 - tanh^2), over z's own buffer
@@ -133,10 +148,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
                     grad_h[rows] = torch.mm(z, weight)  # (n, V_k) @ (V_k, D): this shard's part
                 if grad_w is not None:
                     grad_w.addmm_(z.t(), h_c)  # (V_k, n) @ (n, D)
-        if grad_h is not None:
-            # dloss/dh = sum over shards k of G_k W_k
-            _comm.all_reduce(grad_h, "sum", ctx.group, "vocab_parallel_linear_cross_entropy grad_hidden")
-            grad_h = grad_h.to(hidden.dtype)
+        grad_h = _sum_grad_hidden(grad_h, hidden, ctx.group, "vocab_parallel_linear_cross_entropy")
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
         return (grad_h, grad_w, grad_b) + (None,) * 11
@@ -145,12 +157,10 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
 def _validate(hidden, weight, target, bias, reduction, ignore_index, label_smoothing, z_loss, softcap,
               chunk_size) -> _rule.CrossEntropyOptions:
     for name, value in (("hidden", hidden), ("weight_shard", weight), ("target", target)):
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        _tv.check_tensor(value, name)
     if bias is not None and not isinstance(bias, Tensor):
         raise TypeError(f"bias_shard must be a torch.Tensor or None, got {type(bias).__name__}")
-    if hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"hidden must be float16, bfloat16, float32 or float64, got {hidden.dtype}")
+    _tv.check_float(hidden, "hidden")
     if hidden.dim() < 2 or hidden.shape[-1] == 0:
         raise ValueError(f"hidden must have shape (N, D) or (B, T, D) with D >= 1, got {tuple(hidden.shape)}")
     if hidden.numel() == 0:
@@ -163,8 +173,7 @@ def _validate(hidden, weight, target, bias, reduction, ignore_index, label_smoot
         raise ValueError(f"bias_shard must have shape ({weight.shape[0]},) and dtype {hidden.dtype}, got "
                          f"{tuple(bias.shape)} {bias.dtype}")
     for name, value in (("weight_shard", weight), ("target", target), ("bias_shard", bias)):
-        if value is not None and value.device != hidden.device:
-            raise ValueError(f"{name} is on {value.device} but hidden is on {hidden.device}")
+        _tv.check_same_device(value, name, hidden, "hidden")
     if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
         raise TypeError(f"target must hold integer class indices, got {target.dtype}")
     if tuple(target.shape) != tuple(hidden.shape[:-1]):
@@ -172,9 +181,7 @@ def _validate(hidden, weight, target, bias, reduction, ignore_index, label_smoot
                          f"{tuple(hidden.shape[:-1])}")
     opts = _rule.CrossEntropyOptions.checked(ignore_index=ignore_index, reduction=reduction,
                                              label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    _tv.check_chunk_size(chunk_size)
     return opts
 
 
@@ -270,23 +277,14 @@ def vocab_parallel_linear_cross_entropy(
                     return_predicted_tokens=return_predicted_tokens, return_entropy=return_entropy)
     with_stats = return_token_accuracy or return_predicted_tokens or return_entropy
     group, rank, world = _comm.resolve_group(group)
-    device_type = hidden.device.type
     out_dtype = hidden.dtype
-    if _tv.autocast_enabled(hidden.device):
-        # the head's matmul runs in the autocast dtype, as nn.Linear's would; the casts are autograd ops
-        low = torch.get_autocast_dtype(device_type)
-        hidden, weight_shard = hidden.to(low), weight_shard.to(low)
-        bias_shard = bias_shard.to(low) if bias_shard is not None else None
+    hidden, weight_shard, bias_shard = _tv.autocast_head(hidden, weight_shard, bias_shard)
     batch_shape = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = target.reshape(-1).to(torch.int64).contiguous()
     options = (opts.ignore_index, opts.reduction, opts.label_smoothing, opts.z_loss, opts.softcap)
-    with_grad = torch.is_grad_enabled() and h2.requires_grad
-    # what every rank must agree on besides the options: D, a bias or not, a gradient for hidden or not
-    extra = zlib.crc32(repr((h2.shape[1], bias_shard is not None, with_grad, with_stats)).encode())
-    layout = _agree(group, rank, world, rows=h2.shape[0], width=weight_shard.shape[0], prob=False, dtype=h2.dtype,
-                    options=options, target=t1, ignore_index=int(ignore_index), weight=None, extra=extra,
-                    device=h2.device, what="hidden")
+    layout = _agree_head(group, rank, world, h2, weight_shard, bias_shard, t1, options, int(ignore_index),
+                         with_stats)
     if chunk_size is None:
         chunk_size = choose_chunk_size(h2.shape[0], max(layout.width, 1), h2.device, softcap=softcap is not None)
     with _tv.autocast_off(hidden.device):

@@ -28,13 +28,15 @@ The backward needs no communication to form each rank's ``G = dL/dz`` on its own
 (``lse`` and ``H`` are known on every rank; the formula is above
 :func:`softgrad.torch._linear_logprobs._gradient_`); ``grad_W_k`` and ``grad_b_k`` stay local,
 and one sum all-reduce of the ``(N, D)`` ``grad_h`` gathers ``sum_k G_k W_k``.
+
+The row chunks (:func:`softgrad.torch._linear_cross_entropy._row_chunks`), the layout agreement
+(:func:`_agree_head`) and that all-reduce (:func:`_sum_grad_hidden`) are those of
+:mod:`softgrad.distributed._vocab_parallel_linear`.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
-import zlib
 
 import torch
 from torch import Tensor
@@ -43,13 +45,13 @@ from softgrad import _cross_entropy_rule as _rule
 from softgrad.distributed import _comm
 from softgrad.distributed._vocab_parallel import (
     Layout,
-    _agree,
     _check_rows,
     _refuse_double_backward,
     _target_checksum,
 )
 from softgrad.torch import _validation as _tv
-from softgrad.torch._linear_cross_entropy import choose_chunk_size
+from softgrad.distributed._vocab_parallel_linear import _agree_head, _sum_grad_hidden
+from softgrad.torch._linear_cross_entropy import _row_chunks, choose_chunk_size
 from softgrad.torch._linear_logprobs import (
     _TEMPERATURE_MESSAGE,
     LogprobsOutput,
@@ -89,8 +91,7 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
         r_k, y_k = torch.zeros_like(m_k), torch.zeros_like(m_k)
         q_k = torch.zeros_like(m_k) if want_entropy else None
         if layout.width:
-            for start in range(0, n_rows, chunk_size):
-                rows = slice(start, min(start + chunk_size, n_rows))
+            for rows in _row_chunks(n_rows, chunk_size):
                 s = _scaled_logits(hidden, weight, bias, rows, temp, cdt)
                 m, rest, s_y, q = _row_stats(s, y_local[rows], here[rows], want_entropy)
                 del s
@@ -139,18 +140,14 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=cdt, device=weight.device) if need_b else None
         if ctx.layout.width and (g_lp is not None or g_h is not None):
-            for start in range(0, hidden.shape[0], ctx.chunk_size):
-                rows = slice(start, min(start + ctx.chunk_size, hidden.shape[0]))
+            for rows in _row_chunks(hidden.shape[0], ctx.chunk_size):
                 s = _scaled_logits(hidden, weight, bias, rows, temp, cdt)
                 grad = _gradient_(s, lse[rows], ent[rows] if g_h is not None else None,
                                   None if g_lp is None else g_lp[rows], None if g_h is None else g_h[rows],
                                   y_local[rows], here[rows], temp[rows] if temp_t is not None else temp)
                 _accumulate(grad, hidden, weight, rows, grad_h, grad_w, grad_b)
                 del s, grad
-        if grad_h is not None:
-            # dL/dh = sum over shards k of G_k W_k (the hidden states are replicated)
-            _comm.all_reduce(grad_h, "sum", ctx.group, f"{_WHAT} grad_hidden")
-            grad_h = grad_h.to(hidden.dtype)
+        grad_h = _sum_grad_hidden(grad_h, hidden, ctx.group, _WHAT)
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:
@@ -184,9 +181,7 @@ def _validate(hidden, weight, target, bias, temperature, return_entropy, ignore_
     temperature = _check_temperature(temperature, target, hidden, "hidden")
     _tv.check_flags(return_entropy=return_entropy)
     _rule.CrossEntropyOptions.checked(ignore_index=ignore_index)  # an int that fits int64
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    _tv.check_chunk_size(chunk_size)
     return temperature
 
 
@@ -282,22 +277,14 @@ def vocab_parallel_linear_logprobs(
         raise NotImplementedError(f"{_WHAT} does not support forward-mode AD or torch.func transforms; use "
                                   "softgrad.torch.linear_logprobs on the gathered weight for those")
     group, rank, world = _comm.resolve_group(group)
-    if _tv.autocast_enabled(hidden.device):
-        # the head's GEMMs run in the autocast dtype, as nn.Linear's would; the casts are autograd ops
-        low = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight_shard = hidden.to(low), weight_shard.to(low)
-        bias_shard = bias_shard.to(low) if bias_shard is not None else None
+    hidden, weight_shard, bias_shard = _tv.autocast_head(hidden, weight_shard, bias_shard)
     batch_shape = target.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = target.reshape(-1).to(torch.int64).contiguous()
     ignore_index = int(ignore_index)
     tensor_temperature = isinstance(temperature, Tensor)
     options = (ignore_index, "tensor" if tensor_temperature else temperature, return_entropy)
-    with_grad = torch.is_grad_enabled() and h2.requires_grad
-    extra = zlib.crc32(repr((h2.shape[1], bias_shard is not None, with_grad)).encode())
-    layout = _agree(group, rank, world, rows=h2.shape[0], width=weight_shard.shape[0], prob=False, dtype=h2.dtype,
-                    options=options, target=t1, ignore_index=ignore_index, weight=None, extra=extra,
-                    device=h2.device, what="hidden")
+    layout = _agree_head(group, rank, world, h2, weight_shard, bias_shard, t1, options, ignore_index)
     cdt = compute_dtype(h2.dtype)
     valid = t1 != ignore_index
     temp = _temperature_rows(temperature, target, valid, cdt)

@@ -104,8 +104,20 @@ def choose_chunk_size(n_rows: int, vocab: int, device: torch.device, *, softcap:
     return int(max(1, min(n_rows, rows)))
 
 
+def _row_chunks(n_rows: int, chunk_size: int):
+    """The slices ``[start, min(start + chunk_size, n_rows))`` that cover the ``n_rows`` rows in order.
+
+    Every chunked walk over rows (forward, backward, differentiable forms; the vocabulary-parallel
+    heads of :mod:`softgrad.distributed`) takes its chunks from here.
+    """
+    return (slice(start, min(start + chunk_size, n_rows)) for start in range(0, n_rows, chunk_size))
+
+
 def _chunk_logits(hidden, weight, bias, rows: slice):
-    """``z_c = h_c W^T + b`` for one chunk of rows: a fresh ``(n, V)`` tensor in the input dtype."""
+    """``z_c = h_c W^T + b`` for one chunk of rows: a fresh ``(n, V)`` tensor in the input dtype.
+
+    Also a vocabulary shard's ``(n, V_k)`` chunk in :mod:`softgrad.distributed._vocab_parallel_linear`.
+    """
     z = torch.mm(hidden[rows], weight.t())  # low-precision inputs accumulate in fp32 inside the GEMM
     if bias is not None:
         z = z.add_(bias) if not z.requires_grad else z + bias
@@ -154,8 +166,7 @@ def _chunked_pass(hidden, weight, bias, target, class_weight, scales, row_scale,
     grad_w = torch.zeros(weight.shape, dtype=accum_dtype, device=weight.device) \
         if want_grad and need_grads[1] else None
     grad_b = torch.zeros(vocab, dtype=cdt, device=weight.device) if want_grad and need_grads[2] else None
-    for start in range(0, n_rows, chunk_size):
-        rows = slice(start, min(start + chunk_size, n_rows))
+    for rows in _row_chunks(n_rows, chunk_size):
         z = _chunk_logits(hidden, weight, bias, rows)
         # the rule's per-row ce and lse; with a gradient, G = r_i d(kappa ce_i + zeta zl lse_i^2)/dz_i over z's buffer
         ce, lse, chunk_stats = torch.ops.softgrad.cross_entropy_rows_(
@@ -197,8 +208,7 @@ def _reduce(ce_rows, lse_rows, target, opts, count, denom, row_scale):
 def _differentiable_chunks(hidden, weight, bias, target, class_weight, opts, chunk_size):
     """Per-row ``(ce, lse)`` from differentiable ops, chunk by chunk (forward-mode AD, ``torch.func``)."""
     parts = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        rows = slice(start, min(start + chunk_size, hidden.shape[0]))
+    for rows in _row_chunks(hidden.shape[0], chunk_size):
         parts.append(_ops.differentiable_rows(_chunk_logits(hidden, weight, bias, rows), target[rows], class_weight,
                                               ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
                                               softcap=opts.softcap, prob_target=False))
@@ -208,8 +218,7 @@ def _differentiable_chunks(hidden, weight, bias, target, class_weight, opts, chu
 def _differentiable_grads(hidden, weight, bias, target, class_weight, kappa, zeta, opts, chunk_size, need):
     """The gradients of ``sum_i kappa_i ce_i + zeta_i zl lse_i^2`` from differentiable ops (``create_graph=True``)."""
     grad_h, grad_w, grad_b = [], 0, 0
-    for start in range(0, hidden.shape[0], chunk_size):
-        rows = slice(start, min(start + chunk_size, hidden.shape[0]))
+    for rows in _row_chunks(hidden.shape[0], chunk_size):
         g = _ops.differentiable_gradient(_chunk_logits(hidden, weight, bias, rows), target[rows], class_weight,
                                          kappa[rows], zeta[rows], ignore_index=opts.ignore_index,
                                          label_smoothing=opts.label_smoothing, z_loss=opts.z_loss,
@@ -414,14 +423,8 @@ def linear_cross_entropy(
                      chunk_size)
     _tv.check_flags(shift=shift, return_lse=return_lse, return_token_accuracy=return_token_accuracy,
                     return_predicted_tokens=return_predicted_tokens, return_entropy=return_entropy)
-    device_type = hidden.device.type
     out_dtype = hidden.dtype  # the caller's dtype: float32 master weights under autocast give a float32 loss
-    if _tv.autocast_enabled(hidden.device):
-        # Under autocast the head's matmul runs in the autocast dtype, as nn.Linear's
-        # would; the casts are ordinary autograd ops, so fp32 master weights get fp32 grads.
-        low = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(low), weight.to(low)
-        bias = bias.to(low) if bias is not None else None
+    hidden, weight, bias = _tv.autocast_head(hidden, weight, bias)
     vocab = weight.shape[0]
     cdt = compute_dtype(hidden.dtype)
     accum = _accum_dtype(accum_dtype, weight.dtype)
@@ -458,8 +461,8 @@ def linear_cross_entropy(
             if with_stats:
                 with torch.no_grad():
                     stats = torch.cat([_cross_entropy_mod._differentiable_stats(
-                        _chunk_logits(h_run, weight, bias, slice(a, a + int(chunk_size))), opts.softcap)
-                        for a in range(0, h_run.shape[0], int(chunk_size))], dim=1)
+                        _chunk_logits(h_run, weight, bias, rows), opts.softcap)
+                        for rows in _row_chunks(h_run.shape[0], int(chunk_size))], dim=1)
         else:
             out, z_part, lse, stats = _LinearCrossEntropy.apply(
                 h_run, weight, bias, t_run, cw, r_run, opts_k.ignore_index, opts_k.reduction,

@@ -43,7 +43,7 @@ from torch import Tensor
 from softgrad import _cross_entropy_rule as _rule
 from softgrad.torch import _validation as _tv
 from softgrad.torch._cross_entropy import _check_targets
-from softgrad.torch._linear_cross_entropy import _accumulate_mm_, choose_chunk_size
+from softgrad.torch._linear_cross_entropy import _accumulate_mm_, _row_chunks, choose_chunk_size
 from softgrad.torch._torch_cross_entropy import compute_dtype
 
 __all__ = ["LogprobsOutput", "linear_logprobs"]
@@ -171,8 +171,8 @@ def _differentiable_chunk(hidden, weight, bias, rows, temp, target, valid, cdt):
 def _differentiable_rows(hidden, weight, bias, target, valid, temp, chunk_size):
     """Per-row ``(logp, H, lse)`` chunk by chunk from differentiable ops (forward-mode AD, ``torch.func``)."""
     cdt = compute_dtype(hidden.dtype)
-    parts = [_differentiable_chunk(hidden, weight, bias, slice(a, min(a + chunk_size, hidden.shape[0])), temp,
-                                   target, valid, cdt)[1:] for a in range(0, hidden.shape[0], chunk_size)]
+    parts = [_differentiable_chunk(hidden, weight, bias, rows, temp, target, valid, cdt)[1:]
+             for rows in _row_chunks(hidden.shape[0], chunk_size)]
     return tuple(torch.cat([p[i] for p in parts]) for i in range(3))
 
 
@@ -180,8 +180,7 @@ def _differentiable_grads(hidden, weight, bias, target, valid, temp, g_lp, g_h, 
     """The backward's gradients from differentiable ops of the formula above (``create_graph=True``)."""
     cdt = compute_dtype(hidden.dtype)
     grad_h, grad_w, grad_b = [], 0, 0
-    for start in range(0, hidden.shape[0], chunk_size):
-        rows = slice(start, min(start + chunk_size, hidden.shape[0]))
+    for rows in _row_chunks(hidden.shape[0], chunk_size):
         log_p, _, ent, _ = _differentiable_chunk(hidden, weight, bias, rows, temp, target, valid, cdt)
         p = torch.exp(log_p)
         grad = torch.zeros_like(p)
@@ -215,8 +214,7 @@ class _LinearLogprobs(torch.autograd.Function):
         logp = torch.empty(n_rows, dtype=cdt, device=hidden.device)
         lse = torch.empty_like(logp)
         ent = torch.empty_like(logp) if want_entropy else None
-        for start in range(0, n_rows, chunk_size):
-            rows = slice(start, min(start + chunk_size, n_rows))
+        for rows in _row_chunks(n_rows, chunk_size):
             s = _scaled_logits(hidden, weight, bias, rows, temp, cdt)
             m, rest, s_y, q = _row_stats(s, y_safe[rows], valid[rows], want_entropy)
             del s
@@ -253,8 +251,7 @@ class _LinearLogprobs(torch.autograd.Function):
             return _differentiable_grads(hidden, weight, bias, y_safe, valid, temp, g_lp, g_h, ctx.chunk_size,
                                          need) + nones
         grad_h, grad_w, grad_b = _grad_buffers(hidden, weight, bias, need, cdt)
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            rows = slice(start, min(start + ctx.chunk_size, hidden.shape[0]))
+        for rows in _row_chunks(hidden.shape[0], ctx.chunk_size):
             s = _scaled_logits(hidden, weight, bias, rows, temp, cdt)
             grad = _gradient_(s, lse[rows], ent[rows] if g_h is not None else None,
                               None if g_lp is None else g_lp[rows], None if g_h is None else g_h[rows],
@@ -399,11 +396,7 @@ def linear_logprobs(
     """
     temperature, ignore_index = _validate(hidden, weight, target, bias, temperature, return_entropy, ignore_index,
                                           chunk_size)
-    if _tv.autocast_enabled(hidden.device):
-        # the head's GEMMs run in the autocast dtype, as nn.Linear's would; the casts are autograd ops
-        low = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight = hidden.to(low), weight.to(low)
-        bias = bias.to(low) if bias is not None else None
+    hidden, weight, bias = _tv.autocast_head(hidden, weight, bias)
     batch_shape = target.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = target.reshape(-1).to(torch.int64)

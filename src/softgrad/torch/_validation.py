@@ -122,6 +122,18 @@ def autocast_off(device: torch.device):
         return contextlib.nullcontext()
 
 
+def autocast_head(hidden: Tensor, weight: Tensor, bias: Tensor | None):
+    """``(hidden, weight, bias)`` in the autocast dtype when autocast is on for ``hidden``'s device, else as given.
+
+    A linear head's matmul then runs in the autocast dtype, as ``nn.Linear``'s would; the casts
+    are ordinary autograd ops, so float32 master weights get float32 gradients.
+    """
+    if not autocast_enabled(hidden.device):
+        return hidden, weight, bias
+    low = torch.get_autocast_dtype(hidden.device.type)
+    return hidden.to(low), weight.to(low), None if bias is None else bias.to(low)
+
+
 def check_linear_head(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None) -> None:
     """Types, shapes, dtypes and devices of a linear head ``hidden (N, D) or (B, T, D)``, ``weight (V, D)``,
     ``target hidden.shape[:-1]`` and ``bias (V,)`` or None (``linear_cross_entropy``, ``linear_logprobs``)."""
