@@ -397,6 +397,7 @@ def _validate(logits, target, weight, ignore_index, reduction, label_smoothing, 
     else:
         if target.dtype == torch.bool or target.is_complex():
             raise TypeError(f"target must hold integer class indices or float probabilities, got {target.dtype}")
+        _tv.check_index_dtype(target)  # uint64 would wrap, as in softgrad.torch.cross_entropy
         if tuple(target.shape) != (logits.shape[0],):
             raise ValueError(f"target must have shape ({logits.shape[0]},) (one global class index per row), got "
                              f"{tuple(target.shape)}")

@@ -174,8 +174,7 @@ def _validate(hidden, weight, target, bias, reduction, ignore_index, label_smoot
                          f"{tuple(bias.shape)} {bias.dtype}")
     for name, value in (("weight_shard", weight), ("target", target), ("bias_shard", bias)):
         _tv.check_same_device(value, name, hidden, "hidden")
-    if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
-        raise TypeError(f"target must hold integer class indices, got {target.dtype}")
+    _tv.check_index_dtype(target)  # also refuses uint64, as linear_cross_entropy does
     if tuple(target.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"target shape {tuple(target.shape)} must equal hidden.shape[:-1] = "
                          f"{tuple(hidden.shape[:-1])}")
