@@ -735,6 +735,13 @@ def _cross_entropy_softcap(logits, index_target, prob_target, is_prob, weight, h
 # and unsorted column indices are summed, as SciPy's products do.
 
 
+@njit(fastmath=_FASTMATH, cache=True)
+def _axpy(y, a, x):
+    """``y += a * x`` over one row of ``C`` entries."""
+    for j in range(y.shape[0]):
+        y[j] += a * x[j]
+
+
 @njit(**_JIT)
 def _csr_dense_matmul(data, indices, indptr, dense, out, n_chunks):
     N, C = out.shape
@@ -744,10 +751,7 @@ def _csr_dense_matmul(data, indices, indptr, dense, out, n_chunks):
         for i in range(lo, hi):
             acc[:] = 0.0
             for k in range(indptr[i], indptr[i + 1]):
-                v = out.dtype.type(data[k])
-                d_row = dense[indices[k]]
-                for j in range(C):
-                    acc[j] += v * d_row[j]
+                _axpy(acc, out.dtype.type(data[k]), dense[indices[k]])  # gather: acc += x_ik dense[k]
             for j in range(C):
                 out[i, j] = acc[j]
     return 0
@@ -766,10 +770,7 @@ def _csr_transpose_matmul(data, indices, indptr, dense, out, partial):
         for i in range(lo, hi):
             g = dense[i]
             for k in range(indptr[i], indptr[i + 1]):
-                v = out.dtype.type(data[k])
-                a_row = acc[indices[k]]
-                for j in range(C):
-                    a_row[j] += v * g[j]
+                _axpy(acc[indices[k]], out.dtype.type(data[k]), g)  # scatter: acc[k] += x_ik dense[i]
     for col in prange(D):
         for j in range(C):
             total = partial[0, col, j]
