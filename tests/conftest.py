@@ -53,3 +53,18 @@ def backend(request):
 def torch():
     """The ``torch`` module, or a skip when PyTorch is absent."""
     return pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    """A gloo process group of this process alone, torn down after the module (``tests/distributed``).
+
+    Defined here, not in ``tests/distributed/conftest.py``: a second ``conftest`` module would
+    shadow this one for the tests that ``from conftest import tolerance``.
+    """
+    dist = pytest.importorskip("torch.distributed")
+    if dist.is_initialized():
+        pytest.skip("a default process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
