@@ -440,8 +440,9 @@ class SoftmaxClassifier(_LinearClassifier):
       :math:`w` (binomial); the softmax optimum has :math:`W = [-w/2, w/2]`, so
       ``LogisticRegression(C=2 / (alpha * sum_j s_j))`` gives the same predictions.
     * CS231n's ``reg``: the training loop of the step-by-step derivation (README [D])
-      adds ``0.5 * reg * sum(W * W)``, so ``alpha = reg``; the assignment's ``softmax_loss_vectorized`` adds
-      ``reg * sum(W * W)``, so ``alpha = 2 * reg``. Both average the loss over rows.
+      adds ``0.5 * reg * sum(W * W)``, so ``alpha = reg``; the assignment's
+      ``softmax_loss_vectorized`` adds ``reg * sum(W * W)``, so ``alpha = 2 * reg``. Both
+      average the loss over rows.
     * scikit-learn's ``SGDClassifier(loss="log_loss", alpha=...)`` uses the same
       ``alpha`` (binary/one-vs-rest there, though).
 
@@ -467,9 +468,9 @@ class SoftmaxClassifier(_LinearClassifier):
     Larger fits give one of BLAS and the kernels one thread, so that idle workers of one
     do not spin on the cores the other needs: a dense fit runs the loss kernel on one
     thread between BLAS's products, a sparse fit runs BLAS (vector operations only) on
-    one thread beside the kernels' sparse products. During an L-BFGS-B solve the BLAS bundled with SciPy (which runs the solver's own
-    vector updates) is limited to one thread, so that its idle worker does not spin on a
-    core the next evaluation needs.
+    one thread beside the kernels' sparse products. During an L-BFGS-B solve the BLAS
+    bundled with SciPy (which runs the solver's own vector updates) is limited to one
+    thread, so that its idle worker does not spin on a core the next evaluation needs.
 
     ``schedule`` sets the step of ``gd``/``sgd`` at iteration/epoch ``t``:
     ``"constant"`` (:math:`\eta`), ``"invscaling"`` (:math:`\eta/\sqrt{t+1}`) or
@@ -644,13 +645,12 @@ class SoftmaxClassifier(_LinearClassifier):
                                 f"got the string {preprocessing!r}")
             recorded = "none"
         elif preprocessing is not None:
-            mean, scale = _standardization_statistics(preprocessing, int(self.n_features_in_))
-            coef_raw = coef.astype(np.float64) / scale[None, :]
-            intercept_raw = intercept.astype(np.float64) - coef_raw @ mean
+            standardizer = _as_standardizer(preprocessing, int(self.n_features_in_))
+            coef_raw, intercept_raw = standardizer.fold(coef.astype(np.float64), intercept.astype(np.float64))
             coef, intercept = coef_raw.astype(coef.dtype), intercept_raw.astype(intercept.dtype)
             if not (np.isfinite(coef).all() and np.isfinite(intercept).all()):
                 raise ValueError("preprocessing: folding the standardisation into the weights overflows "
-                                 f"{coef.dtype} (scale as small as {scale.min():.3g})")
+                                 f"{coef.dtype} (scale as small as {standardizer.scale_.min():.3g})")
             recorded = _FOLDED_STANDARDIZATION
         classes, label_kind = _encode_labels(self.classes_)
         params = {k: v for k, v in self.get_params().items() if k not in ("callback", "random_state")}
@@ -904,10 +904,9 @@ def _thread_limit(work_per_evaluation, sparse=False):
     """
     from threadpoolctl import threadpool_limits
 
-    if work_per_evaluation < _SERIAL_MAX_WORK:
-        _kernels()
-        return threadpool_limits(limits=1)
     _kernels()
+    if work_per_evaluation < _SERIAL_MAX_WORK:
+        return threadpool_limits(limits=1)
     if sparse:
         return threadpool_limits(limits=1, user_api="blas")
     # dense: BLAS runs the products, and the loss kernel between them runs on the calling
@@ -984,9 +983,9 @@ def _class_weights(class_weight, classes, target, sample_weight):
 
 
 # ---------------------------------------------------------------- model file schema
-_ZIP_MIN_BYTES = 22
+_ZIP_MIN_BYTES = 22  # an empty zip archive is its 22-byte end-of-directory record
 # the header's "preprocessing" of a model saved with a standardisation folded into its weights
-_FOLDED_STANDARDIZATION = "standardize (folded into coef/intercept)"  # an empty zip archive is its 22-byte end-of-directory record
+_FOLDED_STANDARDIZATION = "standardize (folded into coef/intercept)"
 
 # The header keys the loader reads: name -> (required, accepted JSON types, extra check or None).
 # Keys not listed are ignored, so a later writer may add optional keys (e.g. preprocessing).
@@ -1043,8 +1042,9 @@ def _check_class_weight_entry(cw):
     return None
 
 
-def _standardization_statistics(scaler, n_features):
-    """``(mean (D,), scale (D,))`` in float64 of a fitted Standardizer or StandardScaler."""
+def _as_standardizer(scaler, n_features):
+    """A fitted Standardizer or StandardScaler as a :class:`softgrad.datasets.Standardizer` of
+    float64 ``(D,)`` statistics (a StandardScaler's unused mean or scale as 0 or 1)."""
     from sklearn.exceptions import NotFittedError
     from sklearn.preprocessing import StandardScaler
 
@@ -1071,7 +1071,7 @@ def _standardization_statistics(scaler, n_features):
         stats.append(arr)
     if (stats[1] <= 0).any():
         raise ValueError(f"preprocessing: the scaler's scale must be > 0, got min {stats[1].min():.3g}")
-    return stats[0], stats[1]
+    return Standardizer(mean_=stats[0], scale_=stats[1])
 
 
 def _encode_labels(labels):

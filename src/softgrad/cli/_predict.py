@@ -4,9 +4,10 @@
 ``csv:PATH``, a ``.csv``/``.npz`` path, ...). The model takes raw features when it was
 saved with its preprocessing (``softgrad train`` and ``SoftmaxClassifier.save(path,
 preprocessing=scaler)`` fold the standardisation into the weights); a model saved
-without any record of it, applied to data that look unscaled, gets a warning. Predictions are written as CSV (``row,
-prediction`` and, with ``--proba``, one probability column per class) to ``--out`` or
-standard output; when the data has labels, the accuracy goes to standard error.
+without any record of it, applied to data that look unscaled, gets a warning.
+Predictions are written as CSV (``row, prediction`` and, with ``--proba``, one
+probability column per class) to ``--out`` or standard output; when the data has
+labels, the accuracy goes to standard error.
 """
 
 from __future__ import annotations
