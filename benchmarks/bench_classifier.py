@@ -26,7 +26,18 @@ warm-up fit of 2 iterations on the same data (JIT kernels loaded, thread pools s
   fixed budget of iterations/epochs (dense problems); their objective gap is reported, not gated.
 
 Peak memory of the sparse fit: tracemalloc's peak of NumPy/SciPy allocations during one extra
-(untimed) ``softgrad_lbfgs`` fit, as a multiple of the CSR matrix's bytes.
+(untimed) ``softgrad_lbfgs`` fit and one ``sklearn_lbfgs`` fit, as a multiple of the CSR matrix's
+bytes, beside the floor every L-BFGS-B fit pays: SciPy's L-BFGS-B workspace for ``n = C (D + 1)``
+parameters and ``m = 10`` correction pairs, ``(2m + 5) n + 11 m^2 + 8 m`` float64 plus ``3 n`` int32
+(allocated by ``scipy.optimize.minimize`` whoever calls it).
+
+Solver time: ``solver_s`` is the time a fit spends inside L-BFGS-B's own routine (SciPy's
+``setulb``: the quasi-Newton update, Cauchy point and line search steps, ``O(m n)`` per
+iteration, on SciPy's bundled BLAS), measured by wrapping it. It is the same arithmetic for
+every implementation that calls SciPy's L-BFGS-B for the same number of iterations, but not
+the same time: that depends on the threads the implementation leaves running beside it.
+``ratio_outside_solver`` is the ratio to scikit-learn's fit time with each fit's own
+``solver_s`` subtracted: the evaluations and the code around them.
 
 Correctness gate: every gated fit must reach scikit-learn's objective to ``1e-6`` relative (a lower one passes)
 (both objectives are evaluated by the same float64 reference at the returned weights),
@@ -123,8 +134,33 @@ def _count_evaluations():
     return counter, lambda: setattr(_linear_loss.LinearModelLoss, "loss_gradient", original)
 
 
+class _LbfgsbClock:
+    """Time spent inside SciPy's L-BFGS-B routine (``scipy.optimize._lbfgsb.setulb``) while active."""
+
+    def __init__(self):
+        from scipy.optimize import _lbfgsb
+
+        self._module, self.seconds = _lbfgsb, 0.0
+
+    def __enter__(self):
+        original = self._original = self._module.setulb
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        self._module.setulb = timed
+        return self
+
+    def __exit__(self, *exc):
+        self._module.setulb = self._original
+
+
 def _fit(name, X, y, alpha, gd_iters, sgd_epochs):
-    """Fit one implementation; return (seconds, W (C, D), b (C,), iterations, evaluations)."""
+    """Fit one implementation; return (seconds, W (C, D), b (C,), iterations, evaluations, solver seconds)."""
     from sklearn.base import clone
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -171,29 +207,40 @@ def _fit(name, X, y, alpha, gd_iters, sgd_epochs):
             # imports are not in the timing
             clone(model).set_params(max_iter=2).fit(X, y)
             counter["n"] = 0
-            start = time.perf_counter()
-            model.fit(X, y)
-            seconds = time.perf_counter() - start
+            with _LbfgsbClock() as solver:
+                start = time.perf_counter()
+                model.fit(X, y)
+                seconds = time.perf_counter() - start
     finally:
         restore()
     n_iter = int(np.max(model.n_iter_))
-    return seconds, model.coef_, model.intercept_, n_iter, counter["n"]
+    return seconds, model.coef_, model.intercept_, n_iter, counter["n"], solver.seconds
 
 
-def _peak_fit_memory(X, y, alpha) -> float:
-    """tracemalloc's peak during one SoftmaxClassifier fit of sparse ``X``, over the CSR matrix's bytes."""
+def _peak_fit_memory(X, y, alpha) -> dict:
+    """tracemalloc's peak during one fit of sparse ``X`` (ours and scikit-learn's) and the L-BFGS-B
+    workspace floor, each over the CSR matrix's bytes."""
     import tracemalloc
+
+    from sklearn.linear_model import LogisticRegression
 
     from softgrad import SoftmaxClassifier
 
     csr_bytes = X.data.nbytes + X.indices.nbytes + X.indptr.nbytes
-    tracemalloc.start()
-    try:
-        SoftmaxClassifier(alpha=alpha, tol=TOL, max_iter=10_000).fit(X, y)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    return peak / csr_bytes
+    peaks = {}
+    for name, model in (("softgrad_lbfgs", SoftmaxClassifier(alpha=alpha, tol=TOL, max_iter=10_000)),
+                        ("sklearn_lbfgs", LogisticRegression(C=1.0 / (alpha * y.shape[0]), tol=TOL,
+                                                             max_iter=10_000))):
+        tracemalloc.start()
+        try:
+            model.fit(X, y)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        peaks[name] = peak / csr_bytes
+    n, m = int(np.unique(y).shape[0]) * (X.shape[1] + 1), 10
+    peaks["lbfgsb_workspace"] = (8 * ((2 * m + 5) * n + 11 * m * m + 8 * m) + 4 * 3 * n) / csr_bytes
+    return peaks
 
 
 def _floor(X, C, repeats):
@@ -318,7 +365,9 @@ def main(argv=None):
             if worst > TOL:
                 raise AssertionError(f"{problem}/{name}: max |gradient| {worst:.2e} > tol {TOL}")
         sk_seconds, sk_evals = results["sklearn_lbfgs"][0], results["sklearn_lbfgs"][4]
-        for name, (seconds, _, _, n_iter, n_evals) in results.items():
+        sk_solver = results["sklearn_lbfgs"][5]
+        memory = peak_memory.get(problem, {})
+        for name, (seconds, _, _, n_iter, n_evals, solver_s) in results.items():
             rows.append({
                 "problem": problem, "impl": name, "n": N, "d": D, "c": C, "alpha": alpha,
                 "fit_s": seconds, "ratio_vs_sklearn": seconds / sk_seconds, "objective": J[name],
@@ -328,13 +377,17 @@ def main(argv=None):
                 "floor_s": floor_ms["float64"] * sk_evals / 1e3,
                 "gated": name in gated, "load_1min": loads[name], "dtype": str(X.dtype),
                 "sparse": hasattr(X, "tocsr"),
-                "peak_mb_over_csr": peak_memory.get(problem) if name == "softgrad_lbfgs" else None,
+                "solver_s": solver_s,
+                "ratio_outside_solver": (seconds - solver_s) / (sk_seconds - sk_solver)
+                                        if sk_seconds > sk_solver else None,
+                "peak_over_csr": memory.get(name),
+                "lbfgsb_workspace_over_csr": memory.get("lbfgsb_workspace"),
             })
     load_after = os.getloadavg()
 
     _harness.print_table(rows, ["problem", "impl", "fit_s", "ratio_vs_sklearn", "objective", "objective_gap",
-                                "n_iter", "n_evals", "ms_per_eval", "floor_ms_per_eval_f64",
-                                "floor_ms_per_eval_f32", "load_1min"])
+                                "n_iter", "n_evals", "ms_per_eval", "solver_s", "ratio_outside_solver",
+                                "floor_ms_per_eval_f64", "floor_ms_per_eval_f32", "load_1min"])
     for problem in problems:
         sub = {r["impl"]: r for r in rows if r["problem"] == problem}
         line = (f"{problem}: softgrad_lbfgs / sklearn_lbfgs fit time = {sub['softgrad_lbfgs']['ratio_vs_sklearn']:.2f}"
@@ -342,8 +395,13 @@ def main(argv=None):
         if "sklearnex_lbfgs" in sub:
             line += (f"; vs scikit-learn-intelex {sub['softgrad_lbfgs']['fit_s'] / sub['sklearnex_lbfgs']['fit_s']:.2f}"
                      f" (its objective gap {sub['sklearnex_lbfgs']['objective_gap']:.1e})")
+        line += (f"; outside L-BFGS-B's own routine {sub['softgrad_lbfgs']['ratio_outside_solver']:.2f}"
+                 f" (it took {sub['softgrad_lbfgs']['solver_s']:.2f} s of ours, {sub['sklearn_lbfgs']['solver_s']:.2f} s"
+                 " of scikit-learn's)")
         if problem in peak_memory:
-            line += f"; peak fit memory {peak_memory[problem]:.2f} x the CSR matrix"
+            mem = peak_memory[problem]
+            line += (f"; peak fit memory {mem['softgrad_lbfgs']:.2f} x the CSR matrix (scikit-learn"
+                     f" {mem['sklearn_lbfgs']:.2f} x; L-BFGS-B's workspace alone {mem['lbfgsb_workspace']:.2f} x)")
         print(line)
     print(f"backend {softgrad.get_backend()}; load average before {load_before}, after {load_after}")
     extra = {"quick": args.quick, "tol": TOL, "objective_rtol": OBJECTIVE_RTOL, "backend": softgrad.get_backend(),

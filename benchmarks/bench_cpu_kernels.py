@@ -8,6 +8,8 @@ For every shape ``(N, C)`` and dtype (float32, float64), in one process:
 * ``softgrad[numba]``-- the public ``softgrad.softmax`` on the numba backend (adds the argument checks and a
   fresh result array; the values are checked inside the kernel's pass)
 * ``softgrad[numba]+out`` -- the same with ``out=`` a preallocated array (no allocation)
+* ``softgrad[numba]+kept`` -- the fresh-result call again, with glibc's malloc told to keep freed
+  memory (see below)
 * ``numpy_ref``      -- ``softgrad._kernels._numpy.softmax``, our readable reference
 * ``cs231n``         -- ``e = exp(z - max); e / sum(e)`` in plain NumPy
 * ``scipy``          -- ``scipy.special.softmax``
@@ -18,6 +20,7 @@ For every shape ``(N, C)`` and dtype (float32, float64), in one process:
 * ``numba`` / ``numba_inplace`` -- ``cross_entropy_index`` writing the gradient to a buffer / over the logits
 * ``softgrad[numba]`` -- the public ``softgrad.softmax_cross_entropy`` (fresh gradient array)
 * ``softgrad[numba]+out`` -- the same with ``grad_out=`` a preallocated array
+* ``softgrad[numba]+kept`` -- the fresh-result call again, freed memory kept (see below)
 * ``numpy_ref``       -- ``softgrad._kernels._numpy.cross_entropy_index``
 * ``cs231n``          -- probabilities, ``-log p_y``, ``p - onehot``, all divided by N
 * ``scipy``           -- ``scipy.special.log_softmax`` based
@@ -30,9 +33,21 @@ array, what any out-of-place kernel must at least move), ``copy_fresh``
 -- the floor of any function that returns a new array; the ``softgrad.*`` API with a
 fresh result is compared with it as well as with the copy), ``exp`` (the fastest exp
 available -- ours, or NumPy's SIMD one -- from the shifted logits into a second
-array: the copy's traffic plus the arithmetic) and ``exp_arith`` (the exp's
+array: the copy's traffic plus the arithmetic), ``exp_arith`` (the exp's
 arithmetic alone: its rate on an L1-resident block times ``N * C``, divided over the
-threads). ``linear`` rows time the estimator's objective + gradient (``X @ W``,
+threads) and ``logsumexp`` (our logsumexp kernel: the row-max and exp passes of the softmax
+kernel over every entry, writing only ``N`` numbers -- what softmax costs before it writes
+its ``(N, C)`` result).
+
+Fresh results and the allocator: a result of this size is allocated with ``mmap`` and
+returned to the kernel by ``free``, so every call's new array page-faults again, and the
+kernel zeroes each page (huge pages included) before first use. ``copy_fresh+kept`` and
+``softgrad[numba]+kept`` repeat ``copy_fresh`` and the fresh-result API call with glibc
+told, through ``mallopt``, to serve large blocks from its heap and not trim it
+(``M_MMAP_MAX = 0``, ``M_TRIM_THRESHOLD`` = 1 GiB; the same as starting Python with
+``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824``), so a new result reuses pages
+already mapped; the settings are restored afterwards. Skipped where the C library has no
+``mallopt``. ``linear`` rows time the estimator's objective + gradient (``X @ W``,
 fused loss kernel in place, ``X.T @ G``) against the same on the NumPy backend and
 scikit-learn's ``LinearModelLoss``.
 
@@ -81,7 +96,7 @@ QUICK_SHAPES = [(64, 1000), (8, 9001)]
 FULL_LINEAR = [(65536, 64, 1000)]  # (N, D, C)
 QUICK_LINEAR = [(512, 16, 10)]
 DTYPES = (np.float32, np.float64)
-OURS = {"numba", "numba_inplace", "softgrad[numba]", "softgrad[numba]+out", "numpy_ref"}
+OURS = {"numba", "numba_inplace", "softgrad[numba]", "softgrad[numba]+out", "softgrad[numba]+kept", "numpy_ref"}
 # Untimed rounds over every implementation before the timed ones (the gate's call is
 # another untimed one).
 WARMUP = 1
@@ -282,21 +297,64 @@ def _gate_all(op, label, impls, reference, dtype, rows, base, prepare=None):
 
 
 def _floor_fns(x, exp_rows):
-    """The copy and the two exps (ours, NumPy's), on the shifted logits, into one buffer."""
+    """The copy, the two exps (ours, NumPy's) on the shifted logits into one buffer, and logsumexp."""
     out = np.empty_like(x)
+    lse = np.empty(x.shape[0], dtype=x.dtype)
     shifted = x - x.max(axis=1, keepdims=True)
     exp_rows(shifted, out)
     np.testing.assert_allclose(out, np.exp(shifted.astype(np.float64)), rtol=GATE[x.dtype][0], atol=1e-30)
+    NB.logsumexp(x, lse)
+    expected = np.empty(x.shape[0])
+    REF.logsumexp(x.astype(np.float64), expected)
+    _gate("logsumexp floor", lse, expected, x.dtype)
     return {
         "copy": lambda: np.copyto(out, x),
         "copy_fresh": lambda: x.copy(),
         "exp[softgrad]": lambda: exp_rows(shifted, out),
         "exp[numpy]": lambda: np.exp(shifted, out=out),
+        "logsumexp": lambda: NB.logsumexp(x, lse),
     }
 
 
+class _KeptFreedMemory:
+    """glibc's malloc keeps freed memory while active (``mallopt``); ``available`` is False elsewhere.
+
+    ``M_MMAP_MAX = 0`` serves every block from the heap, ``M_TRIM_THRESHOLD`` = 1 GiB keeps
+    freed heap memory mapped. On exit the defaults are set back (128 KiB, 65536) and
+    ``malloc_trim(0)`` returns what was kept.
+    """
+
+    _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+    def __init__(self):
+        import ctypes
+        import ctypes.util
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            self._mallopt, self._trim = libc.mallopt, libc.malloc_trim
+        except (OSError, AttributeError):
+            self._mallopt = None
+        self.available = self._mallopt is not None
+
+    def __enter__(self):
+        ok = self._mallopt(self._M_MMAP_MAX, 0) and self._mallopt(self._M_TRIM_THRESHOLD, 1 << 30)
+        if not ok:
+            raise RuntimeError("mallopt refused the settings")
+        return self
+
+    def __exit__(self, *exc):
+        self._mallopt(self._M_TRIM_THRESHOLD, 128 * 1024)
+        self._mallopt(self._M_MMAP_MAX, 65536)
+        self._trim(0)
+
+
 def _bench_one(rows, op, shape, dtype, impls, reference, floor_fns, exp_arith, repeats, prepare=None):
-    """Gate every implementation on `reference`, then time them all interleaved; append rows."""
+    """Gate every implementation on `reference`, then time them all interleaved; append rows.
+
+    Then, where glibc's ``mallopt`` is available, the fresh-result API call and the fresh
+    copy again (with the copy, interleaved) while freed memory is kept: the ``+kept`` rows.
+    """
     N, C = shape
     nbytes = 2 * N * C * np.dtype(dtype).itemsize  # one read + one write of the array
     base = {"op": op, "shape": f"{N}x{C}", "N": N, "C": C, "dtype": np.dtype(dtype).name}
@@ -305,7 +363,18 @@ def _bench_one(rows, op, shape, dtype, impls, reference, floor_fns, exp_arith, r
     exp_name = min(("exp[softgrad]", "exp[numpy]"), key=lambda n: timings[n]["median_ms"])
     timings["exp"] = {**timings[exp_name], "exp_impl": exp_name}
     timings["exp_arith"] = exp_arith
-    for name in list(passed) + ["copy", "copy_fresh", "exp", "exp_arith"]:
+    kept = _KeptFreedMemory()
+    names = list(passed) + ["copy", "copy_fresh", "exp", "exp_arith", "logsumexp"]
+    if kept.available and "softgrad[numba]" in passed:
+        with kept:
+            again = _time_interleaved({"softgrad[numba]+kept": passed["softgrad[numba]"],
+                                       "copy_fresh+kept": floor_fns["copy_fresh"], "copy+kept": floor_fns["copy"]},
+                                      repeats)
+        # their x_copy is taken against the copy timed in the same rounds
+        for name in ("softgrad[numba]+kept", "copy_fresh+kept"):
+            timings[name] = {**again[name], "copy_ms_same_run": again["copy+kept"]["median_ms"]}
+        names += ["softgrad[numba]+kept", "copy_fresh+kept"]
+    for name in names:
         t = timings[name]
         gbps = None if name == "exp_arith" else nbytes / (t["median_ms"] * 1e-3) / 1e9
         rows.append({**base, "impl": name, **t, "gbps": gbps})
@@ -361,6 +430,9 @@ def _add_ratios(rows):
         by = {r["impl"]: r for r in group if "median_ms" in r}
         for r in group:
             if "median_ms" not in r:
+                continue
+            if "copy_ms_same_run" in r:  # the +kept rows: timed in their own rounds
+                r["x_copy"] = r["median_ms"] / r["copy_ms_same_run"]
                 continue
             for floor in ("copy", "copy_fresh", "exp"):
                 if floor in by:
@@ -449,7 +521,12 @@ def _targets(rows):
         api_fresh = by.get((op, shape, dtype, "softgrad[numba]"), {}).get("x_copy_fresh")
         entry["api_x_copy"], entry["api_out_x_copy"], entry["api_x_copy_fresh"] = api, api_out, api_fresh
         entry["copy_fresh_x_copy"] = by.get((op, shape, dtype, "copy_fresh"), {}).get("x_copy")
+        api_kept = by.get((op, shape, dtype, "softgrad[numba]+kept"), {}).get("x_copy")
+        entry["api_kept_x_copy"] = api_kept
+        entry["logsumexp_x_copy"] = by.get((op, shape, dtype, "logsumexp"), {}).get("x_copy")
         entry["api_le_1p5x_copy"] = None if api is None else api <= 1.5
+        # with freed memory kept, a fresh result costs what out= costs
+        entry["api_kept_le_1p5x_copy"] = None if api_kept is None else api_kept <= 1.5
         # a fresh result cannot beat a fresh copy: the same target against that floor
         entry["api_le_1p5x_copy_fresh"] = None if api_fresh is None else api_fresh <= 1.5
         entry["api_out_le_1p3x_copy"] = None if api_out is None else api_out <= 1.3
@@ -482,7 +559,7 @@ def _chart(rows, path):
     for ax, key in zip(axes.flat, keys):
         rs = [r for r in rows if (r["op"], r["shape"], r["dtype"]) == key and "median_ms" in r]
         copy = next((r["median_ms"] for r in rs if r["impl"] == "copy"), None)
-        floors = ("copy", "copy_fresh", "exp", "exp_arith")
+        floors = ("copy", "copy_fresh", "exp", "exp_arith", "logsumexp", "copy_fresh+kept")
         colors = ["tab:green" if r["impl"] in OURS else "tab:gray" if r["impl"] in floors else "tab:blue"
                   for r in rs]
         ax.barh([r["impl"] for r in rs], [r["median_ms"] for r in rs], color=colors)
@@ -500,9 +577,11 @@ def _chart(rows, path):
     plt.close(fig)
 
 
-_MD_COLUMNS = [("copy", "copy"), ("copy_fresh", "fresh copy"), ("exp", "exp floor"), ("numba", "**numba kernel**"),
+_MD_COLUMNS = [("copy", "copy"), ("copy_fresh", "fresh copy"), ("exp", "exp floor"),
+               ("logsumexp", "logsumexp floor"), ("numba", "**numba kernel**"),
                ("numba_inplace", "numba in place"), ("softgrad[numba]", "`softgrad.*` API"),
                ("softgrad[numba]+out", "`softgrad.*` API, `out=`"),
+               ("softgrad[numba]+kept", "`softgrad.*` API, freed memory kept"),
                ("numpy_ref", "NumPy reference"), ("cs231n", "CS231n NumPy"), ("scipy", "SciPy"),
                ("torch", "PyTorch"), ("sklearn", "scikit-learn")]
 
@@ -528,9 +607,12 @@ def markdown(payload: dict) -> str:
                     cells.append("-")
                     continue
                 cell = f"{by[k]['median_ms']:.0f}" if by[k]["median_ms"] >= 10 else f"{by[k]['median_ms']:.1f}"
-                if k in ("numba", "numba_inplace", "softgrad[numba]", "softgrad[numba]+out", "copy_fresh") \
+                if k in ("numba", "numba_inplace", "softgrad[numba]", "softgrad[numba]+out", "softgrad[numba]+kept",
+                         "copy_fresh", "logsumexp") \
                         and "x_copy" in by[k]:
                     fresh = f"; {by[k]['x_copy_fresh']:.2f}x fresh" if k == "softgrad[numba]" and "x_copy_fresh" in by[k] else ""
+                    if "copy_ms_same_run" in by[k]:  # timed in its own rounds, with its own copy
+                        fresh = f" of {by[k]['copy_ms_same_run']:.0f}"
                     cell += f" ({by[k]['x_copy']:.2f}x{fresh})"
                 cells.append(cell)
             lines.append(f"| {op} | {shape.replace('x', ' x ')} | " + " | ".join(cells) + " |")

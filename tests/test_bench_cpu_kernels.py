@@ -33,6 +33,11 @@ def test_cpu_kernel_benchmark_quick_mode_end_to_end():
         assert {(op, name) for name in ("numba", "softgrad[numba]", "softgrad[numba]+out", "numpy_ref", "cs231n",
                                         "copy", "copy_fresh", "exp", "exp_arith")} <= timed
     assert ("loss+grad", "numba_inplace") in timed and ("linear", "numba") in timed
+    assert {("softmax", "logsumexp"), ("loss+grad", "logsumexp")} <= timed
+    if sys.platform.startswith("linux"):  # glibc: the fresh-result rows with freed memory kept
+        kept = [r for r in payload["rows"] if r["impl"] in ("softgrad[numba]+kept", "copy_fresh+kept")]
+        assert len(kept) == 2 * 2 * 2  # 2 rows x 2 ops x 2 quick shapes
+        assert all(r["x_copy"] == r["median_ms"] / r["copy_ms_same_run"] > 0 for r in kept)
     peers = {name for _, name in timed}
     for module, name in (("scipy", "scipy"), ("torch", "torch"), ("sklearn", "sklearn")):
         if payload["provenance"].get(module):
@@ -47,6 +52,7 @@ def test_cpu_kernel_benchmark_quick_mode_end_to_end():
 
     table = markdown(payload)
     assert "`softgrad.*` API, `out=`" in table and "`softgrad.*` API |" in table and "fresh copy" in table
+    assert "logsumexp floor" in table
     assert payload["quick"] is True and len(payload["load_average_before"]) == 3
 
 
