@@ -610,10 +610,12 @@ def markdown(payload: dict) -> str:
                 if k in ("numba", "numba_inplace", "softgrad[numba]", "softgrad[numba]+out", "softgrad[numba]+kept",
                          "copy_fresh", "logsumexp") \
                         and "x_copy" in by[k]:
-                    fresh = f"; {by[k]['x_copy_fresh']:.2f}x fresh" if k == "softgrad[numba]" and "x_copy_fresh" in by[k] else ""
-                    if "copy_ms_same_run" in by[k]:  # timed in its own rounds, with its own copy
-                        fresh = f" of {by[k]['copy_ms_same_run']:.0f}"
-                    cell += f" ({by[k]['x_copy']:.2f}x{fresh})"
+                    suffix = ""
+                    if k == "softgrad[numba]" and "x_copy_fresh" in by[k]:
+                        suffix = f"; {by[k]['x_copy_fresh']:.2f}x fresh"
+                    elif "copy_ms_same_run" in by[k]:  # timed in its own rounds, against their copy
+                        suffix = f" of {by[k]['copy_ms_same_run']:.0f}"
+                    cell += f" ({by[k]['x_copy']:.2f}x{suffix})"
                 cells.append(cell)
             lines.append(f"| {op} | {shape.replace('x', ' x ')} | " + " | ".join(cells) + " |")
         lines.append("")
