@@ -10,7 +10,6 @@ import subprocess
 import sys
 import warnings
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -220,8 +219,13 @@ def test_callback_and_verbose(capsys):
     assert "iteration 1: objective" in capsys.readouterr().out
 
 
-def test_small_fits_run_on_one_thread(monkeypatch):
-    """Small evaluations run under threadpool_limits(1); large ones keep the caller's threads."""
+@pytest.mark.parametrize("solver", ["gd", "lbfgs"])
+def test_small_fits_run_on_one_thread(monkeypatch, solver):
+    """Small evaluations run under threadpool_limits(1); large ones keep the caller's threads.
+
+    The callback runs inside the solver, so with ``lbfgs`` this also covers the solver's
+    own products (NumPy's BLAS, under the same limits).
+    """
     from threadpoolctl import threadpool_info
 
     from softgrad import _classifier
@@ -234,12 +238,12 @@ def test_small_fits_run_on_one_thread(monkeypatch):
         pytest.skip("only one thread available: nothing to limit")
     seen = []
     X, y = IRIS
-    SoftmaxClassifier(max_iter=2, callback=lambda n, J: seen.append(blas_threads())).fit(X, y)
+    SoftmaxClassifier(solver=solver, max_iter=2, callback=lambda n, J: seen.append(blas_threads())).fit(X, y)
     assert seen and all(set(t.values()) == {1} for t in seen)
     monkeypatch.setattr(_classifier, "_SERIAL_MAX_WORK", 1)  # now every fit counts as large
     # dense: BLAS keeps the caller's threads (it runs the products), the kernels get one
     seen.clear()
-    SoftmaxClassifier(solver="gd", max_iter=2, callback=lambda n, J: seen.append(blas_threads())).fit(X, y)
+    SoftmaxClassifier(solver=solver, max_iter=2, callback=lambda n, J: seen.append(blas_threads())).fit(X, y)
     expected = {**outside, "numba": 1} if "numba" in outside else outside
     assert seen and all(t == expected for t in seen), (seen, expected)
     assert blas_threads() == outside
@@ -247,7 +251,7 @@ def test_small_fits_run_on_one_thread(monkeypatch):
     import scipy.sparse
 
     seen.clear()
-    SoftmaxClassifier(solver="gd", max_iter=2, callback=lambda n, J: seen.append(threadpool_info())).fit(
+    SoftmaxClassifier(solver=solver, max_iter=2, callback=lambda n, J: seen.append(threadpool_info())).fit(
         scipy.sparse.csr_matrix(X), y)
     assert seen
     for info in seen:
@@ -255,38 +259,6 @@ def test_small_fits_run_on_one_thread(monkeypatch):
             expected = 1 if p["user_api"] == "blas" else outside[p["internal_api"]]
             assert p["num_threads"] == expected, (p, outside)
     assert blas_threads() == outside
-
-
-def test_lbfgs_limits_only_scipys_own_blas(monkeypatch):
-    """During a dense L-BFGS-B fit, SciPy's bundled BLAS runs on one thread; NumPy's BLAS keeps its threads."""
-    import scipy
-    from threadpoolctl import threadpool_info
-
-    from softgrad import _classifier
-
-    scipy_dir = str(Path(scipy.__file__).resolve().parent)
-
-    def threads():
-        return {str(Path(p["filepath"]).resolve()): p["num_threads"] for p in threadpool_info()}
-
-    outside = threads()
-    blas = {str(Path(p["filepath"]).resolve()) for p in threadpool_info() if p["user_api"] == "blas"}
-    own = {f for f in blas if f.startswith((scipy_dir + "/", scipy_dir + ".libs/"))}
-    if not own:
-        pytest.skip("SciPy shares its BLAS with NumPy here: nothing of SciPy's own to limit")
-    if max(outside.values()) < 2:
-        pytest.skip("only one thread available: nothing to limit")
-    monkeypatch.setattr(_classifier, "_SERIAL_MAX_WORK", 1)  # keep the caller's threads for the evaluations
-    seen = []
-    X, y = IRIS
-    SoftmaxClassifier(max_iter=3, callback=lambda n, J: seen.append(threads())).fit(X, y)
-    assert seen
-    numba_files = {str(Path(p["filepath"]).resolve()) for p in threadpool_info() if p["internal_api"] == "numba"}
-    for during in seen:
-        assert all(during[f] == 1 for f in own | numba_files), during  # the kernels: see the test above
-        keep = set(during) - own - numba_files
-        assert {f: during[f] for f in keep} == {f: outside[f] for f in keep}
-    assert threads() == outside
 
 
 def test_probabilities_and_log_probabilities():

@@ -19,7 +19,6 @@ Conventions:
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import math
 import numbers
@@ -28,7 +27,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import scipy.optimize
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import Interval, StrOptions
@@ -36,7 +34,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, check_random_state, validate_data
 
-from softgrad import _linear_model
+from softgrad import _lbfgs, _linear_model
 from softgrad._backend import kernels as _kernels
 from softgrad._softmax import log_softmax as _log_softmax
 from softgrad._softmax import softmax as _softmax
@@ -53,7 +51,7 @@ _MIXED_MIN_WORK = 1 << 23
 # thread costs more than it saves -- on a busy machine ~5-10x more (measured: this test
 # suite 78 s with two threads, 11 s with one, load average 5). Such fits run on one thread.
 _SERIAL_MAX_WORK = 1 << 22
-# relative objective decrease at which L-BFGS-B stops (as scikit-learn sets it)
+# relative objective decrease at which L-BFGS stops (as scikit-learn sets it for L-BFGS-B)
 _FTOL = 64 * np.finfo(np.float64).eps
 # options of the gd/sgd solvers and of precision, for estimators whose parameters lack them
 _SOLVER_DEFAULTS = {"learning_rate": "auto", "schedule": "constant", "batch_size": 200, "shuffle": True,
@@ -123,7 +121,7 @@ class _LinearClassifier(ClassifierMixin, BaseEstimator):
                          else "float64")
 
         self._curve: list[float] = []
-        self._abnormal_stop = None  # L-BFGS-B's message when it stops before max_iter unconverged
+        self._abnormal_stop = None  # the solver's message when it stops before max_iter unconverged
         batch = min(self._option("batch_size"), N) if self.solver == "sgd" else N
         problem = _Problem(X, target, row_scale, alpha, binary)
         with _thread_limit(batch * work, _linear_model.is_sparse(X)):
@@ -220,24 +218,24 @@ class _LinearClassifier(ClassifierMixin, BaseEstimator):
         # float64 phase on X as given: float32 X is cast block by block, never copied whole
         f64 = _Objective(problem, rows, b is not None, np.float64)
         remaining = self.max_iter - len(self._curve)
-        objective, grad = f64(theta)  # memoised: L-BFGS's first evaluation reuses it
+        objective, grad = f64(theta)
         if np.max(np.abs(grad)) <= self.tol:
             converged = True
         elif remaining > 0:
-            res = self._run_lbfgs(f64, theta, remaining, ftol=_FTOL)
-            theta = res.x
-            objective, grad = f64(theta)  # memoised when res.x was the last point evaluated
+            res = self._run_lbfgs(f64, theta, remaining, ftol=_FTOL, initial=(objective, grad))
+            theta, objective = res.x, res.fun
             converged = res.status == 0
             if res.status == 2:  # ABNORMAL (line search failure), not the iteration limit
-                self._abnormal_stop = f"L-BFGS-B reported {str(res.message).strip().rstrip(':. ') or 'ABNORMAL'}"
+                self._abnormal_stop = f"L-BFGS reported {str(res.message).strip().rstrip(':. ') or 'ABNORMAL'}"
         W, b = _unpack(theta, rows, D, b is not None)
         return W, b, objective, converged
 
-    def _run_lbfgs(self, fun, theta, maxiter, ftol):
+    def _run_lbfgs(self, fun, theta, maxiter, ftol, initial=None):
         def record(intermediate_result):
             self._record(intermediate_result.fun)
 
-        return _minimize_lbfgs(fun, theta, maxiter=maxiter, gtol=self.tol, ftol=ftol, callback=record)
+        return _minimize_lbfgs(fun, theta, maxiter=maxiter, gtol=self.tol, ftol=ftol, callback=record,
+                               initial=initial)
 
     # ------------------------------------------------------------------- gd
     def _step_size(self, X, row_scale, alpha, fit_intercept):
@@ -448,7 +446,9 @@ class SoftmaxClassifier(_LinearClassifier):
 
     Solvers:
 
-    * ``"lbfgs"`` (default): SciPy's L-BFGS-B on our analytic gradient, stopping when
+    * ``"lbfgs"`` (default): L-BFGS on our analytic gradient -- L-BFGS-B's iteration
+      (SciPy's ``minimize(method="L-BFGS-B")`` takes the same steps, to rounding) with a
+      cheaper inverse-Hessian product (``softgrad._lbfgs``) -- stopping when
       the largest gradient entry is ``<= tol`` (scikit-learn's criterion). With
       ``precision="mixed"`` (chosen automatically for large problems) it first runs in
       float32 on a float32 copy of ``X`` (twice the matrix-product speed) and then
@@ -468,9 +468,9 @@ class SoftmaxClassifier(_LinearClassifier):
     Larger fits give one of BLAS and the kernels one thread, so that idle workers of one
     do not spin on the cores the other needs: a dense fit runs the loss kernel on one
     thread between BLAS's products, a sparse fit runs BLAS (vector operations only) on
-    one thread beside the kernels' sparse products. During an L-BFGS-B solve the BLAS
-    bundled with SciPy (which runs the solver's own vector updates) is limited to one
-    thread, so that its idle worker does not spin on a core the next evaluation needs.
+    one thread beside the kernels' sparse products. The L-BFGS solver's own products
+    (two passes over its stored pairs per iteration) run on NumPy's BLAS under the same
+    limits.
 
     ``schedule`` sets the step of ``gd``/``sgd`` at iteration/epoch ``t``:
     ``"constant"`` (:math:`\eta`), ``"invscaling"`` (:math:`\eta/\sqrt{t+1}`) or
@@ -811,7 +811,7 @@ the L2 strength ``alpha`` and whether the model is one logistic logit (``binary`
 
 
 class _Objective:
-    """``theta -> (J, grad)`` for SciPy, with ``theta = [W.ravel(), b]`` (``W`` is ``(C, D)``) in float64.
+    """``theta -> (J, grad)`` for the solver, ``theta = [W.ravel(), b]`` (``W`` is ``(C, D)``) in float64.
 
     Holds the problem, the compute ``dtype`` (float32 needs float32 ``X``; float64 takes
     float32 or float64 ``X``) and the reusable buffers: the ``(N, C)`` work array and the
@@ -825,16 +825,8 @@ class _Objective:
         self.dtype = np.dtype(dtype)
         self.work = np.empty((N, rows), dtype=self.dtype)
         self.loss_rows = np.empty(N)
-        self._last = None  # (theta, J, grad) of the latest evaluation
 
     def __call__(self, theta):
-        if self._last is not None and np.array_equal(theta, self._last[0]):
-            return self._last[1], self._last[2].copy()
-        J, grad = self._evaluate(theta)
-        self._last = (theta.copy(), J, grad.copy())
-        return J, grad
-
-    def _evaluate(self, theta):
         D, C = self.D, self.C
         p = self.problem
         grad = np.empty(theta.shape[0])
@@ -856,37 +848,18 @@ class _Objective:
                 grad[D * C:] = gb
         return J, grad
 
-def _minimize_lbfgs(fun, theta, *, maxiter, gtol, ftol, callback):
-    """SciPy's L-BFGS-B on ``fun(theta) -> (J, grad)``, its own BLAS calls on one thread.
+def _minimize_lbfgs(fun, theta, *, maxiter, gtol, ftol, callback, initial=None):
+    """L-BFGS with L-BFGS-B's schedule (:mod:`softgrad._lbfgs`) on ``fun(theta) -> (J, grad)``.
 
-    L-BFGS-B's vector updates (``n = C * D + C`` entries, ``m = 10`` pairs) call the BLAS
-    that SciPy's wheel bundles, a second OpenBLAS beside NumPy's. Run threaded, its idle
-    worker keeps spinning after each update and takes a core from the matrix products and
-    the loss kernel of the next evaluation: measured on 2 cores (50000 x 256, 20
-    classes) every evaluation ran 2-3x slower and the fit 9.0 s instead of 4.1 s. The
-    updates are too small to gain from threads, so that library is limited to one thread
-    for the duration of the solve (a BLAS shared with NumPy is left alone).
+    scikit-learn's settings: ``m = 10`` pairs, at most 50 evaluations per line search,
+    ``gtol`` on the largest gradient entry and ``ftol`` on the relative decrease. The
+    iterates are SciPy's ``minimize(method="L-BFGS-B")``'s to rounding; each iteration
+    reads the ``2 m n`` stored numbers twice (with NumPy's BLAS, under the fit's thread
+    limits) where L-BFGS-B's own routine takes several passes (27 ms per iteration at
+    ``n = 400020``, as long as one evaluation of that problem).
     """
-    with _scipy_own_blas_limited():
-        return scipy.optimize.minimize(
-            fun, theta, method="L-BFGS-B", jac=True, callback=callback,
-            options={"maxiter": int(maxiter), "maxls": 50, "gtol": gtol, "ftol": ftol})
-
-
-def _scipy_own_blas_limited():
-    """One thread for the BLAS libraries loaded from SciPy's own directories, else no change."""
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
-        return contextlib.nullcontext()
-    scipy_dir = Path(scipy.__file__).resolve().parent
-    own = (str(scipy_dir) + "/", str(scipy_dir.parent / "scipy.libs") + "/")
-    controller = ThreadpoolController()
-    paths = [c.filepath for c in controller.lib_controllers
-             if c.user_api == "blas" and str(Path(c.filepath).resolve()).startswith(own)]
-    if not paths:
-        return contextlib.nullcontext()
-    return controller.select(filepath=paths).limit(limits=1)
+    return _lbfgs.minimize_lbfgs(fun, theta, maxiter=int(maxiter), gtol=gtol, ftol=ftol, maxcor=10, maxls=50,
+                                 callback=callback, initial=initial)
 
 
 def _thread_limit(work_per_evaluation, sparse=False):

@@ -48,8 +48,9 @@ class LogisticRegression(_LinearClassifier):
     This is :class:`softgrad.SoftmaxClassifier`'s objective with
     :math:`\alpha = 1 / (C S)`. ``C=np.inf`` or ``penalty=None`` fit without penalty.
 
-    Solvers: ``"lbfgs"`` (default; SciPy's L-BFGS-B with scikit-learn's settings --
-    ``gtol=tol`` on the largest gradient entry, ``ftol = 64 eps``, 50 line-search steps --
+    Solvers: ``"lbfgs"`` (default; L-BFGS-B's iteration as ``SoftmaxClassifier`` runs it,
+    with scikit-learn's settings -- ``gtol=tol`` on the largest gradient entry,
+    ``ftol = 64 eps``, 50 line-search steps --
     on softgrad's fused gradient, with a float32 phase for large dense or float32 data,
     see ``SoftmaxClassifier``'s ``precision="auto"``), and softgrad's ``"gd"`` and
     ``"sgd"`` with ``SoftmaxClassifier``'s defaults (step ``1/L``, 200-row batches,

@@ -107,7 +107,7 @@ def _fmt(value, kind):
 @click.option("--data", "data_spec", default="digits", show_default=True, metavar="SPEC",
               help="digits | spiral[:K] | cifar10:PATH | mnist:PATH | fashion-mnist:PATH | csv:PATH | npz:PATH")
 @click.option("--solver", type=click.Choice(_SOLVERS), default="lbfgs", show_default=True,
-              help="lbfgs: SciPy L-BFGS-B; gd: full-batch gradient descent; sgd: mini-batch SGD.")
+              help="lbfgs: L-BFGS (L-BFGS-B's iteration); gd: full-batch gradient descent; sgd: mini-batch SGD.")
 @click.option("--reg", "alpha", type=click.FloatRange(min=0.0), default=1e-3, show_default=True,
               help="L2 strength alpha of mean CE + alpha/2 ||W||^2 (sklearn C = 1/(alpha n_train)).")
 @click.option("--max-iter", "--epochs", "max_iter", type=click.IntRange(min=1), default=None,

@@ -17,7 +17,7 @@ which it adds the penalty. The normaliser :math:`\sum_j s_j`, the classes (a ran
 some), ``class_weight="balanced"``'s counts, and -- for ``gd`` with ``learning_rate="auto"`` --
 the power iteration that bounds the gradient's Lipschitz constant are agreed the same way.
 
-Every rank then runs the same deterministic solver (SciPy's L-BFGS-B, or gradient descent)
+Every rank then runs the same deterministic solver (softgrad's L-BFGS, or gradient descent)
 on the same numbers, so every rank takes the same steps and ends with the same model, which
 equals the single-process fit on the concatenated rows up to the rounding of the sums (the
 solvers' decisions are identical as long as those roundings do not flip a line search; the
@@ -156,7 +156,7 @@ class _Curve:
 
 
 def _fit_lbfgs(est, X, X32, target, row_scale, W, b, reducer, curve):
-    """The single-process estimator's L-BFGS-B schedule, on the all-reduced objective."""
+    """The single-process estimator's L-BFGS schedule, on the all-reduced objective."""
     from softgrad import _classifier
 
     shape, fit_intercept = W.shape, b is not None
@@ -165,9 +165,9 @@ def _fit_lbfgs(est, X, X32, target, row_scale, W, b, reducer, curve):
     def record(intermediate_result):  # SciPy passes an OptimizeResult to a parameter of this name
         curve(intermediate_result.fun)
 
-    def run(fun, start, maxiter):
+    def run(fun, start, maxiter, initial=None):
         return _classifier._minimize_lbfgs(fun, start, maxiter=maxiter, gtol=est.tol, ftol=_classifier._FTOL,
-                                           callback=record)
+                                           callback=record, initial=initial)
 
     if X32 is not None:
         # float32 phase (ends at the gradient tolerance or when its noisy line searches stall),
@@ -181,9 +181,8 @@ def _fit_lbfgs(est, X, X32, target, row_scale, W, b, reducer, curve):
     if np.max(np.abs(grad)) <= est.tol:
         converged = True
     elif remaining > 0:
-        res = run(f64, theta, remaining)
-        theta = res.x
-        objective, grad = f64(theta)
+        res = run(f64, theta, remaining, initial=(objective, grad))
+        theta, objective = res.x, res.fun
         converged = res.status == 0
     W, b = _unpack(theta, shape, fit_intercept)
     return W, b, objective, converged
