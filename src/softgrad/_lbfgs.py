@@ -109,7 +109,14 @@ def minimize_lbfgs(fun, x0, *, maxiter, gtol, ftol, maxcor=10, maxls=50, maxfun=
             without evaluating ``fun`` there (``nfev`` counts only its own evaluations).
 
     Returns:
-        :class:`LbfgsResult`. After an abnormal stop ``x`` is the last accepted point.
+        :class:`LbfgsResult`; ``jac`` is the gradient array ``fun`` returned at ``x``.
+        After an abnormal stop ``x`` is the last accepted point.
+
+    Differences from SciPy's L-BFGS-B beyond rounding: a NaN or infinite slope ``g'd`` at
+    the start of a line search fails it at once (SciPy's search goes on with NaN); after
+    an abnormal stop ``fun`` is the objective at ``x`` (SciPy's is the last trial's); the
+    direction comes from the inverse representation, which needs no factorisation, so
+    L-BFGS-B's restart after a failed Cholesky factorisation has no counterpart here.
 
     Raises:
         ValueError: ``x0`` is not a 1-D array, or ``maxcor`` / ``maxls`` is not positive.
@@ -140,22 +147,28 @@ def minimize_lbfgs(fun, x0, *, maxiter, gtol, ftol, maxcor=10, maxls=50, maxfun=
         np.copyto(x_old, x)
         np.copyto(g_old, g)
         f_old = f
-        gd_old = float(g @ d)
+        with np.errstate(over="ignore", invalid="ignore"):  # a non-finite slope is handled below
+            gd_old = float(g @ d)
         accepted = False
-        if gd_old < 0.0:  # (NaN fails too: a non-finite direction is no descent direction)
+        # a descent direction with a finite slope (a NaN or infinite one is not)
+        if -math.inf < gd_old < 0.0:
             # the first step has length 1 (L-BFGS-B's rule without bounds), later ones stp = 1
-            stp = min(1.0 / math.sqrt(float(d @ d)), _STPMAX) if nit == 0 else 1.0
+            stp = min(1.0 / _norm(d), _STPMAX) if nit == 0 else 1.0
             search = _MoreThuente(f_old, gd_old, stp)
-            evaluations = 0
+            evaluations, evaluated_stp = 0, None
             while True:
                 if evaluations >= maxls:
                     break
-                np.multiply(d, search.stp, out=x)
-                x += x_old
-                f, g = _evaluate(fun, x)
-                nfev += 1
-                evaluations += 1
-                gd = float(g @ d)
+                evaluations += 1  # a repeated trial counts against maxls, as in L-BFGS-B
+                if search.stp != evaluated_stp:
+                    # the search may retry its best step (rounding, or the interval below
+                    # xtol): that point's f and g are at hand (SciPy's wrapper reuses them too)
+                    np.multiply(d, search.stp, out=x)
+                    x += x_old
+                    f, g = _evaluate(fun, x)
+                    nfev += 1
+                    evaluated_stp = search.stp
+                    gd = float(g @ d)
                 if search.step(f, gd):
                     accepted = True
                     break
@@ -165,7 +178,7 @@ def minimize_lbfgs(fun, x0, *, maxiter, gtol, ftol, maxcor=10, maxls=50, maxfun=
             np.copyto(x, x_old)
             f, g = f_old, g_old.copy()
             if memory.size == 0:
-                return LbfgsResult(x, f, g, nit, nfev, 2, MESSAGES["abnormal"])
+                return LbfgsResult(x, f, g, nit, nfev, 1 if nfev > maxfun else 2, MESSAGES["abnormal"])
             memory.clear()
             continue
         stp = search.stp
@@ -198,6 +211,19 @@ def _checked(x, f, g):
     if g.shape != x.shape:
         raise ValueError(f"fun returned a gradient of shape {g.shape} for a point of shape {x.shape}")
     return float(f), g
+
+
+def _norm(d):
+    """``||d||_2`` without overflow or underflow of the squares (as BLAS's ``dnrm2``)."""
+    with np.errstate(over="ignore", under="ignore"):  # both are handled below
+        dd = float(d @ d)
+    if 1e-280 < dd < math.inf:
+        return math.sqrt(dd)
+    scale = _max_abs(d)
+    if not (0.0 < scale < math.inf):
+        return scale
+    scaled = d / scale
+    return scale * math.sqrt(float(scaled @ scaled))
 
 
 def _max_abs(g):

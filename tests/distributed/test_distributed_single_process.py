@@ -208,6 +208,11 @@ def _check_fit_data_parallel(data, SoftmaxClassifier):
         sd.fit_data_parallel(SoftmaxClassifier(), X[:10], y[:10])
     with pytest.raises(ValueError, match="every rank's shard is empty"):
         sd.fit_data_parallel(SoftmaxClassifier(), X[:0], y[:0])
+    # a line search that finds no decrease is reported as such, as by SoftmaxClassifier.fit
+    huge = np.random.default_rng(12).standard_normal((40, 3)) * 1e155
+    with pytest.warns(Warning, match="stopped abnormally after 0 iterations") as record:
+        sd.fit_data_parallel(SoftmaxClassifier(max_iter=20), huge, (huge[:, 0] > 0).astype(int))
+    assert not any("did not converge within" in str(w.message) for w in record)
 
 
 def test_collective_failure_becomes_collective_error(world_of_one, monkeypatch):

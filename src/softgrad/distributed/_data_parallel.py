@@ -144,6 +144,7 @@ class _Curve:
     def __init__(self, estimator, rank: int):
         self.values: list[float] = []
         self.estimator, self.rank = estimator, rank
+        self.abnormal_stop = None  # the solver's message when it stops before max_iter unconverged
 
     def __call__(self, objective: float) -> None:
         self.values.append(float(objective))
@@ -162,7 +163,7 @@ def _fit_lbfgs(est, X, X32, target, row_scale, W, b, reducer, curve):
     shape, fit_intercept = W.shape, b is not None
     theta = _pack(W, b)
 
-    def record(intermediate_result):  # SciPy passes an OptimizeResult to a parameter of this name
+    def record(intermediate_result):  # the solver passes the accepted point and its objective
         curve(intermediate_result.fun)
 
     def run(fun, start, maxiter, initial=None):
@@ -184,6 +185,8 @@ def _fit_lbfgs(est, X, X32, target, row_scale, W, b, reducer, curve):
         res = run(f64, theta, remaining, initial=(objective, grad))
         theta, objective = res.x, res.fun
         converged = res.status == 0
+        if res.status == 2:  # ABNORMAL (line search failure), not the iteration limit
+            curve.abnormal_stop = f"L-BFGS reported {str(res.message).strip().rstrip(':. ') or 'ABNORMAL'}"
     W, b = _unpack(theta, shape, fit_intercept)
     return W, b, objective, converged
 
@@ -436,7 +439,13 @@ def fit_data_parallel(estimator, X_shard, y_shard, *, group=None, sample_weight=
     if not torch.equal(first, mine):
         raise RuntimeError("fit_data_parallel: the ranks ended with different weights; the all-reduced objective "
                            "was not identical on every rank")
-    if not converged:
+    if not converged and curve.abnormal_stop is not None:
+        warnings.warn(
+            f"SoftmaxClassifier(solver={est.solver!r}) stopped abnormally after {len(curve.values)} iterations, "
+            f"not at max_iter={est.max_iter}, in fit_data_parallel: {curve.abnormal_stop}. The line search found "
+            f"no decrease of the objective; this happens when X is badly scaled: standardise X.",
+            ConvergenceWarning, stacklevel=2)
+    elif not converged:
         warnings.warn(
             f"SoftmaxClassifier(solver={est.solver!r}) did not converge within max_iter={est.max_iter} iterations "
             f"(tol={est.tol}) in fit_data_parallel; increase max_iter or tol, or standardise X.",
