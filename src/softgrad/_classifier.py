@@ -135,10 +135,8 @@ class _LinearClassifier(ClassifierMixin, BaseEstimator):
 
         if not converged and self._abnormal_stop is not None:
             warnings.warn(
-                f"{name}(solver={self.solver!r}) stopped abnormally after {len(self._curve)} "
-                f"iterations, not at max_iter={self.max_iter}: {self._abnormal_stop}. The line "
-                f"search found no decrease of the objective; this happens when X is badly "
-                f"scaled (max |X| = {_max_abs_value(X):.3g}): standardise X.",
+                _abnormal_stop_message(f"{name}(solver={self.solver!r})", len(self._curve), self.max_iter,
+                                       self._abnormal_stop, f" (max |X| = {_max_abs_value(X):.3g})"),
                 ConvergenceWarning, stacklevel=4)
         elif not converged:
             warnings.warn(
@@ -206,36 +204,19 @@ class _LinearClassifier(ClassifierMixin, BaseEstimator):
     # ---------------------------------------------------------------- lbfgs
     def _fit_lbfgs(self, problem, X32, W, b):
         rows, D = W.shape
-        theta = _pack(W, b)
-        converged = False
-        if X32 is not None and self.max_iter > 0:
-            f32 = _Objective(problem._replace(X=X32), rows, b is not None, np.float32)
-            # Float32 rounding makes this objective noisy at ~1e-8 relative: the phase ends
-            # at the gradient tolerance or when a line search stops making progress. Either
-            # way the float64 phase below checks the point and finishes the job.
-            theta = self._run_lbfgs(f32, theta, self.max_iter, ftol=_FTOL).x
-            del f32  # its float32 (N, C) work array; only one work array lives at a time
-        # float64 phase on X as given: float32 X is cast block by block, never copied whole
-        f64 = _Objective(problem, rows, b is not None, np.float64)
-        remaining = self.max_iter - len(self._curve)
-        objective, grad = f64(theta)
-        if np.max(np.abs(grad)) <= self.tol:
-            converged = True
-        elif remaining > 0:
-            res = self._run_lbfgs(f64, theta, remaining, ftol=_FTOL, initial=(objective, grad))
-            theta, objective = res.x, res.fun
-            converged = res.status == 0
-            if res.status == 2:  # ABNORMAL (line search failure), not the iteration limit
-                self._abnormal_stop = f"L-BFGS reported {str(res.message).strip().rstrip(':. ') or 'ABNORMAL'}"
-        W, b = _unpack(theta, rows, D, b is not None)
+        fit_intercept = b is not None
+
+        def objective_in(dtype):
+            # float32: on the float32 copy of X; float64: on X as given (float32 X is cast
+            # block by block, never copied whole)
+            data = problem if dtype == np.float64 else problem._replace(X=X32)
+            return _Objective(data, rows, fit_intercept, dtype)
+
+        theta, objective, converged, self._abnormal_stop = _lbfgs_in_phases(
+            objective_in, _pack(W, b), float32=X32 is not None, max_iter=self.max_iter, tol=self.tol,
+            record=self._record)
+        W, b = _unpack(theta, rows, D, fit_intercept)
         return W, b, objective, converged
-
-    def _run_lbfgs(self, fun, theta, maxiter, ftol, initial=None):
-        def record(intermediate_result):
-            self._record(intermediate_result.fun)
-
-        return _minimize_lbfgs(fun, theta, maxiter=maxiter, gtol=self.tol, ftol=ftol, callback=record,
-                               initial=initial)
 
     # ------------------------------------------------------------------- gd
     def _step_size(self, X, row_scale, alpha, fit_intercept):
@@ -847,6 +828,46 @@ class _Objective:
             if self.fit_intercept:
                 grad[D * C:] = gb
         return J, grad
+
+def _lbfgs_in_phases(objective_in, theta, *, float32, max_iter, tol, record):
+    """The ``lbfgs`` schedule of ``SoftmaxClassifier.fit`` and ``fit_data_parallel``.
+
+    ``objective_in(dtype)`` builds the objective ``theta -> (J, grad)`` computed in that
+    dtype; ``record(objective)`` is called after every iteration. With ``float32`` a first
+    phase runs on the float32 objective: its rounding makes it noisy at ~1e-8 relative, so
+    the phase ends at the gradient tolerance or when a line search stops making progress.
+    Either way the float64 phase checks the point and finishes, within ``max_iter``
+    iterations in all. Returns ``(theta, objective, converged, abnormal)``; ``abnormal`` is
+    the solver's reason when the float64 phase stopped abnormally (a line search found no
+    decrease), else None.
+    """
+    def callback(intermediate_result):
+        record(intermediate_result.fun)
+
+    used = 0
+    if float32 and max_iter > 0:
+        f32 = objective_in(np.float32)
+        res = _minimize_lbfgs(f32, theta, maxiter=max_iter, gtol=tol, ftol=_FTOL, callback=callback)
+        theta, used = res.x, res.nit
+        del f32, res  # the float32 (N, C) work array: only one work array lives at a time
+    f64 = objective_in(np.float64)
+    objective, grad = f64(theta)
+    if np.max(np.abs(grad)) <= tol:
+        return theta, objective, True, None
+    if used >= max_iter:
+        return theta, objective, False, None
+    res = _minimize_lbfgs(f64, theta, maxiter=max_iter - used, gtol=tol, ftol=_FTOL, callback=callback,
+                          initial=(objective, grad))
+    abnormal = f"L-BFGS reported {res.message.strip().rstrip(':. ')}" if res.status == 2 else None
+    return res.x, res.fun, res.status == 0, abnormal
+
+
+def _abnormal_stop_message(label, n_iter, max_iter, reason, scale=""):
+    """The ConvergenceWarning's text for an lbfgs fit that stopped before ``max_iter`` unconverged."""
+    return (f"{label} stopped abnormally after {n_iter} iterations, not at max_iter={max_iter}: {reason}. "
+            f"The line search found no decrease of the objective; this happens when X is badly scaled"
+            f"{scale}: standardise X.")
+
 
 def _minimize_lbfgs(fun, theta, *, maxiter, gtol, ftol, callback, initial=None):
     """L-BFGS with L-BFGS-B's schedule (:mod:`softgrad._lbfgs`) on ``fun(theta) -> (J, grad)``.

@@ -121,9 +121,9 @@ def minimize_lbfgs(fun, x0, *, maxiter, gtol, ftol, maxcor=10, maxls=50, maxfun=
     Raises:
         ValueError: ``x0`` is not a 1-D array, or ``maxcor`` / ``maxls`` is not positive.
     """
-    x = np.array(x0, dtype=np.float64).reshape(-1) if np.ndim(x0) == 1 else None
-    if x is None:
+    if np.ndim(x0) != 1:
         raise ValueError(f"x0 must be a 1-D array, got shape {np.shape(x0)}")
+    x = np.array(x0, dtype=np.float64)
     if maxcor < 1 or maxls < 1:
         raise ValueError(f"maxcor and maxls must be positive, got {maxcor} and {maxls}")
     n = x.shape[0]

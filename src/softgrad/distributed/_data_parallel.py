@@ -161,32 +161,13 @@ def _fit_lbfgs(est, X, X32, target, row_scale, W, b, reducer, curve):
     from softgrad import _classifier
 
     shape, fit_intercept = W.shape, b is not None
-    theta = _pack(W, b)
 
-    def record(intermediate_result):  # the solver passes the accepted point and its objective
-        curve(intermediate_result.fun)
+    def objective_in(dtype):
+        data = X if dtype == np.float64 else X32
+        return _ShardObjective(data, target, row_scale, est.alpha, shape, fit_intercept, reducer, dtype)
 
-    def run(fun, start, maxiter, initial=None):
-        return _classifier._minimize_lbfgs(fun, start, maxiter=maxiter, gtol=est.tol, ftol=_classifier._FTOL,
-                                           callback=record, initial=initial)
-
-    if X32 is not None:
-        # float32 phase (ends at the gradient tolerance or when its noisy line searches stall),
-        # then the float64 phase below checks the point and finishes
-        theta = run(_ShardObjective(X32, target, row_scale, est.alpha, shape, fit_intercept, reducer, np.float32),
-                    theta, est.max_iter).x
-    f64 = _ShardObjective(X, target, row_scale, est.alpha, shape, fit_intercept, reducer)
-    remaining = est.max_iter - len(curve.values)
-    objective, grad = f64(theta)
-    converged = False
-    if np.max(np.abs(grad)) <= est.tol:
-        converged = True
-    elif remaining > 0:
-        res = run(f64, theta, remaining, initial=(objective, grad))
-        theta, objective = res.x, res.fun
-        converged = res.status == 0
-        if res.status == 2:  # ABNORMAL (line search failure), not the iteration limit
-            curve.abnormal_stop = f"L-BFGS reported {str(res.message).strip().rstrip(':. ') or 'ABNORMAL'}"
+    theta, objective, converged, curve.abnormal_stop = _classifier._lbfgs_in_phases(
+        objective_in, _pack(W, b), float32=X32 is not None, max_iter=est.max_iter, tol=est.tol, record=curve)
     W, b = _unpack(theta, shape, fit_intercept)
     return W, b, objective, converged
 
@@ -441,9 +422,8 @@ def fit_data_parallel(estimator, X_shard, y_shard, *, group=None, sample_weight=
                            "was not identical on every rank")
     if not converged and curve.abnormal_stop is not None:
         warnings.warn(
-            f"SoftmaxClassifier(solver={est.solver!r}) stopped abnormally after {len(curve.values)} iterations, "
-            f"not at max_iter={est.max_iter}, in fit_data_parallel: {curve.abnormal_stop}. The line search found "
-            f"no decrease of the objective; this happens when X is badly scaled: standardise X.",
+            _classifier._abnormal_stop_message(f"SoftmaxClassifier(solver={est.solver!r}) in fit_data_parallel",
+                                               len(curve.values), est.max_iter, curve.abnormal_stop),
             ConvergenceWarning, stacklevel=2)
     elif not converged:
         warnings.warn(
